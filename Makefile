@@ -1,0 +1,31 @@
+# Every target installs into ./.venv first if needed, so each works on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROFILE ?= quick
+WORKDIR ?= runs
+
+.PHONY: install test demo bench reproduce-figures clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "biasdiff needs Python 3.11; set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) experiments/demo.py --workdir $(WORKDIR)/demo
+
+bench: install
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
+	$(PY) benchmarks/run.py --output docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
