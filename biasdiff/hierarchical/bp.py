@@ -77,7 +77,8 @@ def exact_denoiser(grammar: Grammar,
                    x_t: jax.Array,
                    alpha_bar: jax.Array,
                    filtered_levels: int = 0,
-                   epsilon: float = DEFAULT_EPSILON) -> jax.Array:
+                   epsilon: float = DEFAULT_EPSILON,
+                   depth: Optional[int] = None) -> jax.Array:
   """E[x0 | x_t] under the tree model (BP_0) or the k-filtered model (BP_k).
 
   Args:
@@ -86,10 +87,14 @@ def exact_denoiser(grammar: Grammar,
     alpha_bar: abar_t, a scalar or an array broadcastable to the batch shape.
     filtered_levels: k in 0 ... depth; 0 is exact BP.
     epsilon: floor added to M and to the path channels.
+    depth: optional tree depth, checked against L.
 
   Returns:
     Leaf posterior marginals with the shape of x_t. Works under jit and vmap.
   """
+  tree_depth = _check_evidence(grammar, x_t)
+  if depth is not None:
+    check_length(2**tree_depth, depth)
   field = leaf_field(x_t, alpha_bar)
   return posterior_marginals(grammar, field, filtered_levels, epsilon)
 
