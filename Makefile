@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(PY) experiments/demo.py --workdir $(WORKDIR)/demo
+	$(PY) experiments/check_hierarchical.py --workdir $(WORKDIR)/check
 
 bench: install
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
