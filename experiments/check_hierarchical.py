@@ -19,20 +19,19 @@ from absl import flags
 import jax
 import numpy as np
 
+from biasdiff import diffusion
 from biasdiff import hierarchical as hier
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/check", "Output directory.")
 _DEPTH = flags.DEFINE_integer("depth", 4, "Tree depth; sequences have 2**depth tokens.")
 _TRAIN_POOL = flags.DEFINE_integer("train_pool_size", 70_000, "Training-pool sequences.")
 _HELDOUT = flags.DEFINE_integer("heldout_size", 10_000, "Held-out sequences.")
-_NUM_STEPS = 500  # Diffusion steps of the sequence schedule.
+_SCHEDULE = diffusion.sequence_schedule(500)
+_NUM_STEPS = _SCHEDULE.num_steps
 
 
 def alpha_bar(t: int) -> float:
-  """abar_t of the rescaled linear schedule with T = 500 (1-based t)."""
-  steps = np.arange(1, _NUM_STEPS + 1)
-  betas = 2.0 * (1e-4 + (0.02 - 1e-4) * (steps - 1) / (_NUM_STEPS - 1))
-  return float(np.prod(1.0 - betas[:t]))
+  return float(_SCHEDULE.alpha_bars[t - 1])
 
 
 def noisy(tokens: np.ndarray, t: int, seed: int) -> np.ndarray:
@@ -81,6 +80,15 @@ def main(argv):
     report["kl_bp0_bpk_at_t75"][k] = {"mean": float(kl.mean()),
                                       "sem": float(kl.std(ddof=1) / np.sqrt(len(kl))),
                                       "count": len(kl)}
+  # Generation with the exact denoiser: every sample should parse.
+  denoise = hier.make_denoiser("bp", _SCHEDULE.alpha_bar, grammar=grammar)
+  start = time.perf_counter()
+  x_0 = diffusion.sample(_SCHEDULE, denoise, seed=0, sample_ids=np.arange(1000), kind="x0",
+                         event_shape=(2**depth, 6))
+  generated = np.asarray(x_0.argmax(-1))
+  report["bp_generation"] = {"count": 1000, "steps": _NUM_STEPS,
+                             "seconds": time.perf_counter() - start,
+                             "fraction_valid": float(hier.is_valid(grammar, generated).mean())}
   report["jax_devices"] = [str(d) for d in jax.devices()]
   path = os.path.join(_WORKDIR.value, "check.json")
   with open(path, "w") as f:
