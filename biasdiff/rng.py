@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 # Data generation.
 TREE = 1  # tree sampler: fold(data_seed, TREE, pool, sequence index)
+PROXY = 2  # synthetic proxy image r: fold(data_seed, PROXY, r)
 # Training.
 INIT = 10  # parameter initialisation: fold(train_seed, INIT)
 EPOCH = 11  # epoch permutation: fold(train_seed, EPOCH, epoch)

@@ -27,9 +27,6 @@ from biasdiff.images import celeba
 from biasdiff.images import data as data_lib
 from biasdiff.images import splits as splits_lib
 
-# TODO: move this stream constant into biasdiff/rng.py next to TREE; until
-# then it is defined here and must not be reused for any other draw.
-PROXY = 2  # proxy image r: fold(data_seed, PROXY, r)
 
 # Blob width in pixels, blob count and amplitude of each scale, coarse to fine.
 BLOB_SIGMAS = (6.0, 2.5, 1.0)
@@ -63,7 +60,7 @@ def _proxy_image(key: jax.Array, size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("size",))
 def _proxy_images(seed: int, rows: jax.Array, size: int) -> jax.Array:
-  keys = jax.vmap(lambda row: rng.fold(seed, PROXY, row))(rows)
+  keys = jax.vmap(lambda row: rng.fold(seed, rng.PROXY, row))(rows)
   return jax.vmap(lambda key: _proxy_image(key, size))(keys)
 
 
