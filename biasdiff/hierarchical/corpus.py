@@ -21,11 +21,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from typing import Optional
 
 import numpy as np
 
+from biasdiff import io
 from biasdiff.hierarchical.grammar import Grammar
 from biasdiff.hierarchical.parse import is_valid
 from biasdiff.hierarchical.sampler import GENERATOR_VERSION, sample_sequences
@@ -120,11 +119,9 @@ def save_corpus(corpus: Corpus, directory: str) -> None:
   """Write the corpus atomically (each file via a temporary name and a rename)."""
   os.makedirs(directory, exist_ok=True)
   for name, array in (("train_pool", corpus.train_pool), ("heldout", corpus.heldout_pool)):
-    _atomic_write(os.path.join(directory, f"{name}.npy"),
-                  lambda f, a=array: np.save(f, a, allow_pickle=False))
+    io.write_npy_atomically(os.path.join(directory, f"{name}.npy"), array)
   # The metadata goes last: a directory without it is an incomplete corpus.
-  _atomic_write(os.path.join(directory, "metadata.json"),
-                lambda f: f.write(json.dumps(corpus.metadata, indent=1).encode()))
+  io.write_json_atomically(os.path.join(directory, "metadata.json"), corpus.metadata)
 
 
 def load_corpus(directory: str, verify: bool = True) -> Corpus:
@@ -203,18 +200,3 @@ def content_overlap(queries: np.ndarray, reference: np.ndarray) -> float:
   seen = np.ascontiguousarray(reference).view(row).ravel()
   asked = np.ascontiguousarray(queries).view(row).ravel()
   return float(np.isin(asked, seen).mean()) if len(asked) else 0.0
-
-
-def _atomic_write(path: str, write) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from biasdiff.io import write_file_atomically, write_json_atomically
 
 IMAGES_FILE = "images.npy"
 METADATA_FILE = "data.json"
@@ -106,33 +107,6 @@ class ImageData:
   def image_shape(self) -> tuple[int, int, int]:
     """(height, width, channels) of one image."""
     return tuple(self.images.shape[1:])
-
-
-def write_file_atomically(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
-  """Write a file through `write(file)` so that `path` appears complete or not at all.
-
-  The bytes go to a temporary file in the same directory, are flushed to disk
-  and then renamed onto `path` with `os.replace`, which is atomic on POSIX and
-  Windows when both names are on one file system.
-  """
-  path = pathlib.Path(path)
-  handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(handle, "wb") as file:
-      write(file)
-      file.flush()
-      os.fsync(file.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-
-
-def write_json_atomically(path: PathLike, value: Any) -> None:
-  """Write `value` as indented JSON with `write_file_atomically`."""
-  text = json.dumps(value, indent=1, sort_keys=True) + "\n"
-  write_file_atomically(path, lambda file: file.write(text.encode("utf-8")))
 
 
 def save_image_data(data: ImageData, directory: PathLike) -> pathlib.Path:
