@@ -7,3 +7,4 @@ with parameters from `init_params(model, key, example_input_shape)`.
 
 from biasdiff.models.initializers import count_params, init_params
 from biasdiff.models.transformer import Transformer, time_features
+from biasdiff.models.unet import UNet, digits_unet

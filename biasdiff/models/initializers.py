@@ -1,8 +1,8 @@
 """PyTorch-default parameter initialisation for Flax layers, and a shared init helper.
 
-The authors' networks use PyTorch's default initialisation, which differs from
-Flax's (lecun-normal kernels, zero biases); the Flax defaults would change
-early training dynamics. PyTorch's Linear and Conv layers draw weights with kaiming-uniform,
+The authors' networks use PyTorch's default initialisation. Flax's defaults
+(lecun-normal kernels, zero biases) differ and would change early training
+dynamics. PyTorch's Linear and Conv layers draw weights with kaiming-uniform,
 a = sqrt(5), whose bound sqrt(6 / ((1 + a^2) fan_in)) equals 1 / sqrt(fan_in),
 and biases from U(+-1/sqrt(fan_in)). Its MultiheadAttention draws the packed
 [3d, d] in-projection with Xavier-uniform, bound sqrt(6 / (d + 3d)), and zeroes
