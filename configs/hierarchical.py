@@ -34,7 +34,9 @@ import ml_collections
 
 # ml_collections loads this file by path, so the sibling package is found
 # through the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPOSITORY not in sys.path:
+  sys.path.insert(0, _REPOSITORY)
 import configs  # pylint: disable=g-import-not-at-top
 
 VARIANTS = ("smoke", "quick", "small", "paper_5k", "paper_12k", "paper_70k")

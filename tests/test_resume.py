@@ -137,6 +137,27 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     np.testing.assert_allclose(line["loss"], reference["loss"], rtol=1e-6)
 
 
+def test_async_save_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  workdir, expected = uninterrupted
+  config = _resume_config()
+  with config.unlocked():
+    config.checkpoint.async_save = True
+  _fit(config, tmp_path, stop_at_step=9)
+  resumed = _fit(config, tmp_path)
+  _assert_trees_equal(resumed.state.params, expected.state.params)
+  assert checkpoints.realised_grid(str(tmp_path)) == [1, 3, 4]
+
+
+def test_training_without_ema(tmp_path):
+  config = _resume_config(ema_decay=0.0)
+  result = _fit(config, tmp_path, stop_at_step=3)
+  assert result.state.ema_params is None
+  params, _ = checkpoints.load_grid_checkpoint(str(tmp_path), 1, use_ema=False)
+  _assert_trees_equal(params, result.state.params)
+  with pytest.raises(ValueError, match="without an EMA"):
+    checkpoints.load_grid_checkpoint(str(tmp_path), 1, use_ema=True)
+
+
 def test_resume_with_other_dispatch_size_is_allowed(uninterrupted, tmp_path):
   workdir, expected = uninterrupted
   _fit(_resume_config(), tmp_path, stop_at_step=5)

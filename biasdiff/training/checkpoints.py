@@ -184,11 +184,16 @@ def record_grid_checkpoint(workdir: str, epoch: int, step: int) -> None:
 
 
 def realised_grid(workdir: str) -> list[int]:
-  """Return the epochs of the grid checkpoints written in `workdir`."""
+  """Return the epochs of the grid checkpoints written in `workdir`.
+
+  An epoch is listed only once orbax has renamed its checkpoint into place,
+  so an asynchronous save cut short by a crash does not appear.
+  """
   path = os.path.join(workdir, REALISED_GRID_FILE)
   if not os.path.exists(path):
     return []
-  return [w["epoch"] for w in read_json(path)["written"]]
+  epochs = [w["epoch"] for w in read_json(path)["written"]]
+  return [e for e in epochs if os.path.isdir(os.path.join(workdir, GRID, str(e)))]
 
 
 # ---------------------------------------------------------------------------

@@ -88,6 +88,8 @@ EvalCallback = Callable[[GridPoint], Optional[Mapping[str, Any]]]
 
 @dataclasses.dataclass
 class TrainResult:
+  """The outcome of `fit`."""
+
   state: state_lib.TrainState  # final stacked state
   models: list  # the model list
   step: int  # optimizer updates completed
