@@ -1,0 +1,1 @@
+"""End-to-end experiment pipelines built from resumable, content-addressed stages."""
