@@ -50,14 +50,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 METRICS = ("hamming", "sqeuclidean", "cosine")
 HAMMING_METHODS = ("auto", "matmul", "bits")
 
-# Default tile sizes, chosen by benchmarks/bench_kernels.py on a 2-core AMD EPYC
-# CPU (jax 0.10.2). The popcount path needs a moderate reference tile because
-# XLA:CPU then fuses the bit operations into the column-wise minimum.
+# Default (query_tile, reference_tile) per (metric family, hamming method,
+# platform). The CPU values were chosen with benchmarks/bench_kernels.py on a
+# 2-core AMD EPYC (jax 0.10.2). The popcount path needs a moderate reference
+# tile, because XLA:CPU then keeps the column-wise minimum vectorised.
+# NOTE: the accelerator values are larger guesses, not yet measured.
 _DEFAULT_TILES = {
-    # (metric family, hamming method) -> (query_tile, reference_tile)
-    ("hamming", "bits"): (1024, 2048),
-    ("hamming", "matmul"): (1024, 2048),
-    ("float", None): (512, 2048),
+    ("hamming", "bits", "cpu"): (512, 4096),
+    ("hamming", "matmul", "cpu"): (1024, 2048),
+    ("float", None, "cpu"): (512, 2048),
+    ("hamming", "bits", "accelerator"): (4096, 8192),
+    ("hamming", "matmul", "accelerator"): (4096, 16384),
+    ("float", None, "accelerator"): (2048, 8192),
 }
 # The bits path packs at most this many 32-bit words per sequence (L*q <= 256);
 # longer indicator vectors are cheaper as a matrix product.
@@ -88,8 +92,9 @@ def nearest_neighbors(
       the formulas).
     k: number of neighbours, 1 <= k <= R.
     num_classes: alphabet size q for "hamming"; tokens must lie in [0, q).
-    query_tile: queries per tile; None picks a default for the metric.
-    reference_tile: references per tile; None picks a default for the metric.
+    query_tile: queries per tile; None picks a default for the metric and
+      platform.
+    reference_tile: references per tile; None picks a default likewise.
     extra_candidates: float metrics keep k + extra_candidates approximate
       candidates per query before the exact recomputation. The result is exact
       unless more than that many references lie within fp32 rounding of the
@@ -136,6 +141,7 @@ def nearest_neighbors(
         f"{extra_candidates!r}.")
 
   platform = _platform_of(queries)
+  device_class = "cpu" if platform == "cpu" else "accelerator"
   if metric == "hamming":
     num_classes = _validate_tokens(queries, references, num_classes)
     length = queries.shape[1]
@@ -143,13 +149,13 @@ def nearest_neighbors(
     if method == "auto":
       words = math.ceil(length * num_classes / 32)
       method = "bits" if platform == "cpu" and words <= _MAX_BIT_WORDS else "matmul"
-    default_tiles = _DEFAULT_TILES[("hamming", method)]
+    default_tiles = _DEFAULT_TILES[("hamming", method, device_class)]
   else:
     if check_finite:
       _check_finite(queries, "queries")
       _check_finite(references, "references")
     method = None
-    default_tiles = _DEFAULT_TILES[("float", None)]
+    default_tiles = _DEFAULT_TILES[("float", None, device_class)]
 
   query_tile = _validate_tile(query_tile, default_tiles[0], "query_tile")
   reference_tile = _validate_tile(
@@ -331,22 +337,36 @@ def _search(queries, references, *, metric, k, num_classes, query_tile,
   if mesh is None:
     return local(queries, references)
 
-  # Each device searches its block of queries against all references. The
+  # Each device searches its block of queries against all references, so the
+  # references are replicated and the query features gathered first. The
   # loop carries start replicated and become per-device, which the
   # varying-axes check would reject, so it is switched off.
-  names = (query_axes,) if isinstance(query_axes, str) else tuple(query_axes)
-  num_shards = math.prod(mesh.shape[a] for a in names)
-  num_queries = queries.shape[0]
-  padded = -num_queries % num_shards
-  if padded:
-    pad_width = [(0, padded)] + [(0, 0)] * (queries.ndim - 1)
-    queries = jnp.pad(queries, pad_width)
   query_spec = PartitionSpec(query_axes)
+  queries = _reshard(queries, mesh, query_spec)
+  references = _reshard(references, mesh, PartitionSpec())
   sharded = jax.shard_map(
       local, mesh=mesh, in_specs=(query_spec, PartitionSpec()),
       out_specs=(query_spec, query_spec), check_vma=False)
-  distances, indices = sharded(queries, references)
-  return distances[:num_queries], indices[:num_queries]
+  return sharded(queries, references)
+
+
+def _reshard(x: jax.Array, mesh: jax.sharding.Mesh,
+             spec: PartitionSpec) -> jax.Array:
+  """Move `x` to `spec` on `mesh`, for Explicit and Auto mesh axes alike."""
+  explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+              if kind == jax.sharding.AxisType.Explicit}
+  names = set()
+  for entry in spec:
+    if entry is not None:
+      names.update((entry,) if isinstance(entry, str) else entry)
+  # jax.reshard accepts only Explicit axis names; Auto axes take a constraint.
+  if explicit and names <= explicit:
+    return jax.reshard(x, NamedSharding(mesh, spec))
+  if names & explicit:
+    raise ValueError(
+        f"queries are sharded over mesh axes {sorted(names)} of both Explicit "
+        "and Auto type; shard the query axis over axes of one type.")
+  return lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _search_local(queries, references, *, metric, k, num_classes, query_tile,
@@ -541,18 +561,27 @@ def _hamming_search(queries, references, *, k, num_classes, query_tile,
 # Squared Euclidean and cosine.
 
 
-def _standardize(x: jax.Array) -> jax.Array:
-  """Map each row to z = s / max(||s||, 1e-12), s = (x - mean) / (std + 1e-12).
+def _standardize_factors(x: jax.Array):
+  """Return (mean, scale, unit) per row so that z = (x - mean) * scale.
 
-  The standard deviation uses ddof 1. <z_x, z_y> is the Pearson correlation
-  of x and y; a constant row maps to z = 0.
+  z = s / max(||s||, 1e-12) with s = (x - mean) / (std + 1e-12) and the
+  standard deviation with ddof 1, so <z_x, z_y> is the Pearson correlation
+  of x and y. A constant row has z = 0, and `unit` is False for it.
+  [..., D] -> three [..., 1] arrays.
   """
-  centred = x - jnp.mean(x, axis=-1, keepdims=True)
-  std = jnp.sqrt(jnp.sum(centred * centred, axis=-1, keepdims=True)
-                 / (x.shape[-1] - 1))
-  scaled = centred / (std + 1e-12)
-  norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=-1, keepdims=True))
-  return scaled / jnp.maximum(norm, 1e-12)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centred = x - mean
+  sum_squares = jnp.sum(centred * centred, axis=-1, keepdims=True)
+  std_plus = jnp.sqrt(sum_squares / (x.shape[-1] - 1)) + 1e-12
+  norm = jnp.sqrt(sum_squares) / std_plus  # ||s||
+  scale = 1.0 / (std_plus * jnp.maximum(norm, 1e-12))
+  return mean, scale, norm >= 1e-12
+
+
+def _standardize(x: jax.Array) -> jax.Array:
+  # [..., D] -> [..., D]: the unit vector z of _standardize_factors.
+  mean, scale, _ = _standardize_factors(x)
+  return (x - mean) * scale
 
 
 def _float_search(queries, references, *, metric, k, num_candidates,
@@ -567,19 +596,28 @@ def _float_search(queries, references, *, metric, k, num_candidates,
   """
   # [Q, D], [R, D] -> ([Q, k], [Q, k])
   num_references = references.shape[0]
-  if metric == "sqeuclidean":
-    centre = jnp.mean(references, axis=0)
-    transform = lambda x: x - centre
-  else:
-    transform = _standardize
+  centre = jnp.mean(references, axis=0) if metric == "sqeuclidean" else None
 
   def search_query_tile(query_rows):
     # [Qt, D] -> ([Qt, k], [Qt, k])
-    query = transform(query_rows)
-    query_norm = jnp.sum(query * query, axis=1)
+    num_rows = query_rows.shape[0]
+    if metric == "sqeuclidean":
+      query = query_rows - centre
+      query_norm = jnp.sum(query * query, axis=1)
+    else:
+      query = _standardize(query_rows)
 
     def step(carry, reference_rows, start):
-      reference = transform(reference_rows)
+      # The cosine refinement needs the standardising factors of each
+      # candidate. They are carried with the candidates, because computing
+      # them again on gathered rows is several times slower on XLA:CPU.
+      if metric == "sqeuclidean":
+        reference = reference_rows - centre
+        factors = ()
+      else:
+        mean, scale, unit = _standardize_factors(reference_rows)
+        reference = (reference_rows - mean) * scale
+        factors = (mean[:, 0], scale[:, 0], unit[:, 0].astype(jnp.float32))
       inner = lax.dot_general(
           query, reference, (((1,), (1,)), ((), ())),
           precision=lax.Precision.HIGHEST,
@@ -591,50 +629,59 @@ def _float_search(queries, references, *, metric, k, num_candidates,
       else:
         distance = 1.0 - inner
       count = min(num_candidates, reference_rows.shape[0])
-      neg_d, new_i = lax.top_k(-distance, count)
-      return _merge_top_k(*carry, -neg_d, new_i + start, num_candidates)
+      neg_d, position = lax.top_k(-distance, count)  # [Qt, count]
+      new = (-neg_d, position + start) + tuple(f[position] for f in factors)
+      return _merge_top_k(carry, new, num_candidates)
 
-    init = (jnp.full((query_rows.shape[0], num_candidates), jnp.inf,
-                     jnp.float32),
-            jnp.full((query_rows.shape[0], num_candidates), num_references,
-                     jnp.int32))
-    _, candidates = _scan_reference_tiles(
+    shape = (num_rows, num_candidates)
+    init = (jnp.full(shape, jnp.inf, jnp.float32),
+            jnp.full(shape, num_references, jnp.int32))
+    if metric == "cosine":
+      init += (jnp.zeros(shape, jnp.float32),) * 3
+    _, candidates, *factors = _scan_reference_tiles(
         step, init, references, reference_tile)
-    return _refine(query_rows, references, candidates, metric, k)
+    return _refine(query_rows, references, candidates, factors, metric, k)
 
   return _map_query_tiles(search_query_tile, queries, query_tile)
 
 
-def _merge_top_k(run_d, run_i, new_d, new_i, k: int):
-  # [Qt, k] and [Qt, n] -> [Qt, k]; top_k puts the lower position first on
-  # ties, and running candidates precede (and have lower indices than) new ones.
-  d = jnp.concatenate([run_d, new_d], axis=1)
-  i = jnp.concatenate([run_i, new_i], axis=1)
-  neg_d, position = lax.top_k(-d, k)
-  return -neg_d, jnp.take_along_axis(i, position, axis=1)
+def _merge_top_k(running: tuple, new: tuple, k: int) -> tuple:
+  """Keep the k smallest distances of two candidate lists with their fields.
+
+  Both tuples start with (distances, indices) and may carry more per-candidate
+  arrays; [Qt, k] and [Qt, n] -> [Qt, k]. top_k puts the lower position first
+  on ties, and running candidates come first and have lower indices.
+  """
+  fields = [jnp.concatenate([a, b], axis=1) for a, b in zip(running, new)]
+  neg_d, position = lax.top_k(-fields[0], k)
+  return (-neg_d,) + tuple(
+      jnp.take_along_axis(f, position, axis=1) for f in fields[1:])
 
 
-def _refine(query_rows, references, candidates, metric: str, k: int):
+def _refine(query_rows, references, candidates, factors, metric: str, k: int):
   """Recompute candidate distances exactly and keep the k best.
 
   [Qt, D], [R, D], [Qt, C] -> ([Qt, k], [Qt, k]), sorted by (distance, index).
+  For cosine, `factors` holds the candidates' (mean, scale, unit) as [Qt, C]
+  arrays; for sqeuclidean it is empty.
   """
   neighbours = jnp.take(references, candidates, axis=0)  # [Qt, C, D]
   if metric == "sqeuclidean":
     difference = query_rows[:, None, :] - neighbours
     distance = jnp.sum(difference * difference, axis=-1)
   else:
-    query_z = _standardize(query_rows)[:, None, :]  # [Qt, 1, D]
-    neighbour_z = _standardize(neighbours)  # [Qt, C, D]
-    difference = query_z - neighbour_z
+    mean, scale, unit = factors
+    query_mean, query_scale, query_unit = _standardize_factors(query_rows)
+    query_z = ((query_rows - query_mean) * query_scale)[:, None, :]
+    difference = query_z - (neighbours - mean[..., None]) * scale[..., None]
     half_square = 0.5 * jnp.sum(difference * difference, axis=-1)
     # A constant row has z = 0; its correlation with anything is taken as 0.
-    both_unit = ((jnp.sum(query_z * query_z, axis=-1) > 0.5)
-                 & (jnp.sum(neighbour_z * neighbour_z, axis=-1) > 0.5))
+    both_unit = query_unit & (unit > 0.5)  # [Qt, 1] & [Qt, C]
     distance = jnp.where(both_unit, half_square, 1.0)
-    # XLA may round the mean and norm of equal rows differently in different
-    # positions of a batch, so identical inputs are set to 0 explicitly.
-    identical = jnp.all(query_rows[:, None, :] == neighbours, axis=-1)
+    # Equal rows in different tiles may round their mean and scale
+    # differently, so identical inputs are set to 0 explicitly.
+    identical = jnp.max(jnp.abs(query_rows[:, None, :] - neighbours),
+                        axis=-1) == 0.0
     distance = jnp.where(identical, 0.0, distance)
   distance, candidates = lax.sort(
       (distance, candidates), dimension=1, num_keys=2)

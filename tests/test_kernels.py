@@ -311,8 +311,7 @@ def test_empty_queries():
 
 SHARDED_SCRIPT = textwrap.dedent("""
     import json
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import sys
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
@@ -320,55 +319,82 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
     mesh = jax.make_mesh((4,), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    rng = np.random.default_rng(0)
-    tokens_q = rng.integers(0, 6, (40, 16))
-    tokens_r = rng.integers(0, 6, (300, 16))
-    tokens_r[123] = tokens_q[5]
-    images_q = rng.normal(size=(40, 8, 8)).astype(np.float32)
-    images_r = rng.normal(size=(300, 8, 8)).astype(np.float32)
-    images_r[77] = images_q[9]
-    cases = {
-        "hamming": (tokens_q, tokens_r, {"num_classes": 6}),
-        "sqeuclidean": (images_q, images_r, {}),
-        "cosine": (images_q, images_r, {}),
-    }
+    inputs = np.load(sys.argv[1])
     out = {"devices": len(jax.devices())}
-    for metric, (q, r, kwargs) in cases.items():
-      q_sharded = jax.device_put(q, sharding)
-      d, i = nearest_neighbors(q_sharded, r, metric, 3, query_tile=4,
-                               reference_tile=64, **kwargs)
-      d_ref, i_ref = nearest_neighbors(q, r, metric, 3, query_tile=4,
-                                       reference_tile=64, **kwargs)
+    for metric in ("hamming", "sqeuclidean", "cosine"):
+      kind = "tokens" if metric == "hamming" else "images"
+      kwargs = {"num_classes": 6} if metric == "hamming" else {}
+      queries = jax.device_put(inputs[kind + "_queries"], sharding)
+      distances, indices = nearest_neighbors(
+          queries, inputs[kind + "_references"], metric, 3, query_tile=4,
+          reference_tile=64, **kwargs)
       out[metric] = {
-          "spec": str(i.sharding.spec),
-          "num_shards": len(i.addressable_shards),
-          "indices": np.asarray(i).tolist(),
-          "reference_indices": np.asarray(i_ref).tolist(),
-          "max_distance_gap": float(np.abs(np.asarray(d)
-                                           - np.asarray(d_ref)).max()),
+          "query_axes": indices.sharding.spec[0],
+          "num_shards": len(indices.addressable_shards),
+          "distances": np.asarray(distances).astype(float).tolist(),
+          "indices": np.asarray(indices).tolist(),
       }
+
+    # An Auto-typed 2 x 2 mesh with the query axis over both mesh axes and
+    # the references sharded too; the kernel replicates the references.
+    auto_mesh = jax.make_mesh((2, 2), ("a", "b"),
+                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    queries = jax.device_put(inputs["tokens_queries"],
+                             NamedSharding(auto_mesh, PartitionSpec(("a", "b"))))
+    references = jax.device_put(inputs["tokens_references"],
+                                NamedSharding(auto_mesh, PartitionSpec("b")))
+    distances, indices = nearest_neighbors(
+        queries, references, "hamming", 3, num_classes=6, query_tile=4)
+    out["hamming_auto_mesh"] = {
+        "query_axes": indices.sharding.spec[0],
+        "num_shards": len(indices.addressable_shards),
+        "distances": np.asarray(distances).astype(float).tolist(),
+        "indices": np.asarray(indices).tolist(),
+    }
     print(json.dumps(out))
 """)
 
 
-def test_sharded_queries_on_four_devices():
+def test_sharded_queries_on_four_devices(tmp_path):
+  rng = np.random.default_rng(0)
+  tokens_q = rng.integers(0, 6, (40, 16))
+  tokens_r = rng.integers(0, 6, (300, 16))
+  tokens_r[123] = tokens_q[5]
+  images_q, images_r = float_data(seed=11, num_queries=40, num_references=300,
+                                  features=(8, 8))
+  inputs = tmp_path / "inputs.npz"
+  np.savez(inputs, tokens_queries=tokens_q, tokens_references=tokens_r,
+           images_queries=images_q, images_references=images_r)
+
   env = dict(os.environ)
+  # XLA reads the flag when JAX initialises, so it must be set in a fresh
+  # process, before jax is imported.
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   env["JAX_PLATFORMS"] = "cpu"
   result = subprocess.run(
-      [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
-      cwd=REPO_ROOT, env=env, timeout=300, check=False)
+      [sys.executable, "-c", SHARDED_SCRIPT, str(inputs)],
+      capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300,
+      check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out["devices"] == 4
-  for metric in ("hamming", "sqeuclidean", "cosine"):
+
+  expected = {
+      "hamming": brute_force_hamming(tokens_q, tokens_r, 3),
+      "sqeuclidean": brute_force_sqeuclidean(images_q, images_r, 3),
+      "cosine": brute_force_cosine(images_q, images_r, 3),
+  }
+  expected["hamming_auto_mesh"] = expected["hamming"]
+  for metric, (expected_d, expected_i) in expected.items():
     case = out[metric]
     assert case["num_shards"] == 4, metric
-    assert "data" in case["spec"], metric
-    assert case["indices"] == case["reference_indices"], metric
-    assert case["max_distance_gap"] == 0.0, metric
+    expected_axes = ["a", "b"] if metric == "hamming_auto_mesh" else "data"
+    assert case["query_axes"] == expected_axes, metric
+    np.testing.assert_array_equal(case["indices"], expected_i, err_msg=metric)
+    np.testing.assert_allclose(case["distances"], expected_d, rtol=1e-5,
+                               atol=2e-6, err_msg=metric)
   assert out["hamming"]["indices"][5][0] == 123
-  assert out["sqeuclidean"]["indices"][9][0] == 77
+  assert out["sqeuclidean"]["indices"][2][:2] == [5, 31]
 
 
 @pytest.mark.parametrize(
