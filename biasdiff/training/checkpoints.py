@@ -206,7 +206,9 @@ def _manager(directory: str, max_to_keep: Optional[int],
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
       create=not read_only,
-      read_only=read_only)
+      read_only=read_only,
+      # A reader saves nothing; zero keeps orbax from warning that it changed this.
+      save_interval_steps=0 if read_only else 1)
   # Naming the handlers lets a reader list and restore items without knowing
   # the saved tree in advance.
   handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
