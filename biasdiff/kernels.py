@@ -7,17 +7,18 @@ of three metrics:
   size q, Hamming(x, y) = L - <onehot(x), onehot(y)>, where onehot maps a
   sequence to its flattened L*q indicator vector. On accelerators the inner
   product is a bf16 matrix product with fp32 accumulation, which is exact
-  because the entries are 0/1 and the sums are at most L. On CPU it is
-  popcount(a & b) on the same indicator vectors packed into 32-bit words: the
-  identical integer, computed with bit operations.
+  because the entries are 0/1 and the sums are at most L. On CPU, when
+  L*q <= 256, it is popcount(a & b) on the same indicator vectors packed into
+  32-bit words: the identical integer, computed with bit operations.
 - ``"sqeuclidean"``: ||x - y||^2 for float vectors (trailing axes are
   flattened, so images work as they are).
 - ``"cosine"``: 1 - Pearson correlation. Each vector is standardised by its own
   mean and standard deviation (ddof 1, plus 1e-12) and L2-normalised to z, and
   the distance is 1 - <z_x, z_y>.
 
-The search is exact and deterministic. Results are sorted by ascending
-distance, and ties are broken by the lower reference index.
+The search is deterministic and exact (for the float metrics, within the
+candidate margin described under `extra_candidates`). Results are sorted by
+ascending distance, and ties are broken by the lower reference index.
 
 Memory: queries are processed in tiles of `query_tile` rows and references in
 tiles of `reference_tile` rows, with a running top-k per query carried across
@@ -39,7 +40,7 @@ of the references, and the outputs keep the query sharding.
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 from jax import lax
@@ -54,8 +55,8 @@ HAMMING_METHODS = ("auto", "matmul", "bits")
 # platform). The CPU values were chosen by timing on a 2-core AMD EPYC
 # (jax 0.10.2) shared with other jobs. The popcount path needs a moderate
 # reference tile, because XLA:CPU then keeps the column-wise minimum
-# vectorised; the float tiles reached about 89% of the CPU time of a plain
-# matrix product on 8192 x 16384 x 1024 inputs.
+# vectorised. With the float tiles, a plain matrix product of the same
+# 8192 x 16384 x 1024 size took about 89% of the search's CPU time.
 # NOTE: the accelerator values are larger guesses, not yet measured.
 _DEFAULT_TILES = {
     ("hamming", "bits", "cpu"): (512, 4096),
@@ -86,6 +87,10 @@ def nearest_neighbors(
 ) -> tuple[jax.Array, jax.Array]:
   """Find the k nearest references of every query.
 
+  Inside a caller's `jax.jit` the values are unknown, so the finiteness and
+  token-range checks are skipped and the query sharding is not inspected.
+  Shape, k and argument checks still run.
+
   Args:
     queries: [Q, L] integer tokens for "hamming", or [Q, ...] real values for
       "sqeuclidean" and "cosine" (trailing axes are flattened to D features).
@@ -107,10 +112,6 @@ def nearest_neighbors(
     check_finite: check float inputs for NaN and infinity before the search.
       The check is one pass over the data; pass False to skip it, in which
       case results for non-finite inputs are undefined.
-
-  Inside a caller's `jax.jit` the values are unknown, so the finiteness and
-  token-range checks are skipped and the query sharding is not inspected.
-  Shape, k and argument checks still run.
 
   Returns:
     (distances, indices), both [Q, k]. Distances are int32 for "hamming" and
@@ -150,7 +151,8 @@ def nearest_neighbors(
     method = hamming_method
     if method == "auto":
       words = math.ceil(length * num_classes / 32)
-      method = "bits" if platform == "cpu" and words <= _MAX_BIT_WORDS else "matmul"
+      use_bits = platform == "cpu" and words <= _MAX_BIT_WORDS
+      method = "bits" if use_bits else "matmul"
     default_tiles = _DEFAULT_TILES[("hamming", method, device_class)]
   else:
     if check_finite:
@@ -664,7 +666,7 @@ def _refine(query_rows, references, candidates, factors, metric: str, k: int):
   """Recompute candidate distances exactly and keep the k best.
 
   [Qt, D], [R, D], [Qt, C] -> ([Qt, k], [Qt, k]), sorted by (distance, index).
-  For cosine, `factors` holds the candidates' (mean, scale, unit) as [Qt, C]
+  For cosine, `factors` contains the candidates' (mean, scale, unit) as [Qt, C]
   arrays; for sqeuclidean it is empty. The candidates are visited one slot at
   a time, so each gather is [Qt, D] and stays in cache; gathering all
   [Qt, C, D] at once was twice as slow on XLA:CPU.
