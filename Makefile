@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?= quick
 WORKDIR ?= runs
 
-.PHONY: install test demo bench reproduce-figures clean
+.PHONY: install test demo check-data bench reproduce-figures clean
 
 install: $(STAMP)
 
@@ -21,7 +21,13 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
+	$(PY) experiments/demo.py --workdir $(WORKDIR)/demo
+
+check-data: install
 	$(PY) experiments/check_hierarchical.py --workdir $(WORKDIR)/check
+
+reproduce-figures: install
+	$(PY) experiments/reproduce.py --config=configs/reproduce.py:$(PROFILE) --workdir=$(WORKDIR)/$(PROFILE)
 
 bench: install
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'

@@ -104,14 +104,14 @@ def get_config(profile: str = "quick") -> ml_collections.ConfigDict:
     a.eval_batch = 256
     a.uturn_sequences = 16
     a.uturn_repetitions = 2
-    a.uturn_time_fractions = (0.01, 0.05)
+    a.uturn_time_fractions = (0.05,)
     a.kl_time_sequences = 16
     a.kl_time_repeats = 1
     a.kl_time_stride = 100
     a.kl_time_models = 2
     a.random_uturn_sequences = 8
     a.random_uturn_repetitions = 2
-    a.random_uturn_time_fractions = (0.05, 0.1)
+    a.random_uturn_time_fractions = (0.05,)
     a.empirical_references = 32
   elif profile in ("demo", "quick"):
     if profile == "demo":

@@ -22,6 +22,7 @@ from configs import hierarchical as hierarchical_configs  # pylint: disable=g-im
 from biasdiff import parallel  # pylint: disable=g-import-not-at-top
 from biasdiff.figures import hierarchical as hierarchical_figures  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import hierarchical as hierarchical_pipeline  # pylint: disable=g-import-not-at-top
+from biasdiff.pipeline import stages  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_REPOSITORY, "configs", "reproduce.py:quick"),
@@ -45,6 +46,7 @@ def main(argv):
   for part in _PARTS.value:
     if part != "hierarchical":
       raise app.UsageError(f"Unknown part {part!r}; use hierarchical.")
+  stages.claim_workdir(_WORKDIR.value, config, parallel.is_main_process())
   summaries = hierarchical_pipeline.run(config, _WORKDIR.value, hierarchical_configs.get_config)
   if parallel.is_main_process():
     paths = hierarchical_pipeline.write_summaries(summaries, output_dir)

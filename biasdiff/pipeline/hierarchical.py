@@ -449,3 +449,48 @@ def _jsonable(value: Any) -> Any:
   if isinstance(value, np.generic):
     return value.item()
   return value
+
+
+def report(summary: dict) -> str:
+  """A short Markdown report of one size: the minima, the orderings and the curves' ends."""
+  orderings = summary["orderings"]
+  epochs = summary["epochs"]
+
+  def at(curve, epoch):
+    i = epochs.index(epoch)
+    return f"{curve['mean'][i]:.4g} +- {curve['se'][i]:.2g}"
+
+  split = summary["epoch_min_sample_split_kl"]
+  loss = summary["epoch_min_test_loss"]
+  nn = summary["epoch_min_nn_divergence"]
+  bp0 = summary["epoch_min_kl_bp_model"]["0"]
+  lines = [
+      f"# Tree data, n = {summary['n']} (depth {summary['depth']})",
+      "",
+      f"Models: {len(summary['models'])}; probes use the {summary['parameters']} parameters; "
+      f"{len(epochs)} checkpoints from epoch {epochs[0]} to {epochs[-1]}.",
+      "",
+      "| minimum of | epoch | value there |",
+      "|---|---|---|",
+  ]
+  if split is not None:
+    lines.append(f"| sample-split KL(A || B) at t = {summary['t_star']} | {split} | "
+                 f"{at(summary['sample_split_kl'], split)} nats/seq |")
+  lines += [
+      f"| KL(BP_0 || model) at t = {summary['t_star']} | {bp0} | "
+      f"{at(summary['kl_bp_model']['0'], bp0)} nats/seq |",
+      f"| NN divergence | {nn} | {at(summary['nn_divergence'], nn)} nats |",
+      f"| test loss | {loss} | {at(summary['test_loss'], loss)} nats/token |",
+      "",
+      f"- Sample-split minimum before the KL(BP_0 || model) minimum: "
+      f"{orderings['sample_split_before_bp0']}.",
+      f"- NN-divergence minimum before the test-loss minimum: "
+      f"{orderings['nn_divergence_before_test_loss']}.",
+      f"- Epochs of the KL(BP_k || model) minima for k = {summary['depth']} ... 0: "
+      f"{orderings['sequential_learning_bp_k_minima_from_k_depth_to_0']} "
+      f"(non-decreasing: {orderings['sequential_learning_non_decreasing']}).",
+      "",
+      "Each ordering counts only when the two minima fall on different checkpoints; the "
+      "grid resolves a minimum to +-1 checkpoint. Error bars: " + summary["error_bars"] + ".",
+  ]
+  return "\n".join(lines) + "\n"

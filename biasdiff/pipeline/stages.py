@@ -148,3 +148,22 @@ def load_json(path: str, default: Optional[Any] = None) -> Any:
     return default
   with open(path) as f:
     return json.load(f)
+
+
+def claim_workdir(workdir: str, config: Any, is_writer: bool = True) -> None:
+  """Record which pipeline profile owns `workdir`, or raise if another one does.
+
+  Stages of different profiles would not collide (their keys differ), but the
+  summaries and figures of a workdir would be overwritten, so one workdir serves
+  one profile.
+  """
+  path = os.path.join(workdir, "pipeline.json")
+  profile = config["profile"]
+  owner = load_json(path)
+  if owner is not None and owner["profile"] != profile:
+    raise ValueError(
+        f"{workdir!r} holds a run of profile {owner['profile']!r}, not {profile!r}; use "
+        f"another --workdir (for example runs/{profile}) or delete this one")
+  if owner is None and is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    io.write_json_atomically(path, {"profile": profile})
