@@ -53,8 +53,6 @@ SECTIONS = [
     "bench_hierarchical",
     "bench_training",
     "bench_sampling",
-    "bench_images",
-    "bench_analyses",
 ]
 
 DEVICE_SUFFIX = "_device"
