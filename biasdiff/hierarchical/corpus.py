@@ -149,8 +149,8 @@ def load_or_build_corpus(directory: str, grammar: Grammar, depth: int,
   """Load the corpus stored in `directory`, or build and store it there.
 
   Raises:
-    ValueError: if the directory holds a corpus with other parameters; it is never
-      silently reused or overwritten.
+    ValueError: if the directory contains a corpus with other parameters, which
+      is never silently reused or overwritten.
   """
   requested = build_request(grammar, depth, train_pool_size, heldout_size, data_seed)
   if os.path.exists(os.path.join(directory, "metadata.json")):

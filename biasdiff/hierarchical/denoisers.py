@@ -72,7 +72,7 @@ def make_denoiser(kind: str,
                   grammar: Optional[Grammar] = None,
                   filtered_levels: int = 0,
                   references: Optional[jax.Array] = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """A denoiser of (x_t [..., L, q], t [...]) for the ancestral sampler.
+  """Return a denoiser of (x_t [..., L, q], t [...]) for the ancestral sampler.
 
   Args:
     kind: "bp" (exact or filtered BP), "empirical" or "prior".

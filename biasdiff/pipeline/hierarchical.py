@@ -45,7 +45,7 @@ _NETWORK_ID, _BP_ID, _EMPIRICAL_ID = 0, 1, 2
 
 
 def training_config(size, corpus_root: str, get_train_config) -> ml_collections.ConfigDict:
-  """The training config of one pipeline size: `get_train_config(variant)` with overrides.
+  """Build the training config of one pipeline size: `get_train_config(variant)` with overrides.
 
   `get_train_config` is `configs.hierarchical.get_config`, passed in by the entry
   point because the configs live beside the package, not inside it.
@@ -188,7 +188,7 @@ def _argmin(curve_per_unit: np.ndarray, epochs: list) -> dict:
 
 
 def summarise(label: str, config, train: dict, evaluated: dict, analysis) -> dict:
-  """The summary of one size: curves with uncertainties and the epochs of their minima."""
+  """Summarise one size: curves with uncertainties and the epochs of their minima."""
   curves = load_curves(evaluated)
   epochs = evaluated["epochs"]
   layout = evaluated["layout"]
@@ -256,7 +256,7 @@ def summarise(label: str, config, train: dict, evaluated: dict, analysis) -> dic
 
 
 def _orderings(summary: dict, depth: int) -> dict:
-  """The ordering claims, each true only when the minima fall on different grid points."""
+  """Evaluate the ordering claims; each is true only when the minima fall on different grid points."""
   epochs = summary["epochs"]
   index = lambda e: epochs.index(e) if e is not None else None
   split, bp0 = summary["epoch_min_sample_split_kl"], summary["epoch_min_kl_bp_model"]["0"]
@@ -452,7 +452,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def report(summary: dict) -> str:
-  """A short Markdown report of one size: the minima, the orderings and the curves' ends."""
+  """Write a short Markdown report of one size: the minima and the orderings."""
   orderings = summary["orderings"]
   epochs = summary["epochs"]
 

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ZooLayout:
-  """Which models form pairs, controls and the NN-divergence set."""
+  """The pairs, same-data controls and NN-divergence models of a zoo, by model index."""
 
   models: tuple  # ModelSpec of each stacked model, in training order
   pairs: np.ndarray  # [P, 2] model indices (A, B) with block A < block B
