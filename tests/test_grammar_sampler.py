@@ -183,3 +183,17 @@ def test_parse_rejects_bad_tokens(tokens, error, message):
 def test_sampler_rejects_bad_depth(depth):
   with pytest.raises(ValueError, match="depth must be an integer >= 1"):
     hier.sample_sequences(hier.paper_grammar(), depth, 4, seed=0)
+
+
+def test_sampler_same_on_four_devices():
+  import os
+  import subprocess
+  import sys
+  script = ("import numpy as np, jax; from biasdiff import hierarchical as h; "
+            "assert jax.device_count() == 4; "
+            "print(h.sample_sequences(h.paper_grammar(), 4, 64, seed=9).sum(axis=1).tolist())")
+  environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  output = subprocess.run([sys.executable, "-c", script], env=environment, check=True,
+                          capture_output=True, text=True).stdout
+  here = hier.sample_sequences(hier.paper_grammar(), 4, 64, seed=9).sum(axis=1).tolist()
+  assert output.strip() == str(here)
