@@ -43,6 +43,9 @@ RUNTIME_FIELDS = (
     "checkpoint.rolling_to_keep",
     "checkpoint.async_save",
     "data.corpus_dir",
+    # The bias monitor only measures; a monitor that stops training is recorded in
+    # the run's metrics, and resuming with other monitor settings is allowed.
+    "monitor",
 )
 
 
