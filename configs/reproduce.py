@@ -139,6 +139,9 @@ def get_config(profile: str = "quick") -> ml_collections.ConfigDict:
     a.kl_time_models = 3
     a.random_uturn_sequences = 100
     a.random_uturn_repetitions = 10
+    if profile == "demo":
+      a.num_generated = 128  # keeps `make demo` to minutes; the quick profile uses 256
+      a.generation_batch = 128
   elif profile == "small":
     sizes.n5000 = _size("small", 5_000, 5_000, (0, 1, 2, 3), (0, 1))
     a.use_ema = True

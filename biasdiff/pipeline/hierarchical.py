@@ -67,7 +67,7 @@ def training_config(size, corpus_root: str, get_train_config) -> ml_collections.
 
 
 def _training_spec(config) -> dict:
-  """The config fields that decide the trained parameters (the train stage's key)."""
+  """Return the config fields that decide the trained parameters (the train stage's key)."""
   spec = config.to_dict()
   spec["data"] = {k: v for k, v in spec["data"].items() if k != "corpus_dir"}
   monitor = spec.pop("monitor", None)
