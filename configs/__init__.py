@@ -47,3 +47,30 @@ def parallel_section() -> ml_collections.ConfigDict:
   parallel = ml_collections.ConfigDict()
   parallel.model_axis_size = 0  # devices on the mesh's model axis; divides models and devices; 0 = gcd(models, devices)
   return parallel
+
+
+def monitor_section() -> ml_collections.ConfigDict:
+  """Bias monitor settings read by `biasdiff.monitor` (statistics at every grid checkpoint)."""
+  monitor = ml_collections.ConfigDict()
+  monitor.enabled = False  # measure the bias statistics at every grid checkpoint while training
+  monitor.seed = 0  # seed of the probe noise and probe times, fold(seed, PROBE, set, index, t, r)
+  monitor.use_ema = True  # measure the parameter EMA when the run keeps one, else the raw parameters
+  monitor.split_time_fraction = 0.15  # t* = floor(fraction T) of the sample-split divergence; in (0, 1]
+  monitor.mia_time_fraction = 0.1  # t of the membership-inference loss, floor(fraction T); in (0, 1]
+  monitor.split_heldout_examples = 512  # held-out examples of the sample-split divergence; >= 1
+  monitor.split_train_examples = 256  # training examples per block for the divergence on training data; 0 disables
+  monitor.split_repeats = 1  # noisings per example at t*; >= 1
+  monitor.loss_examples = 512  # held-out and own-block examples of the train/held-out loss gap, one random t each; >= 2
+  monitor.mia_examples = 256  # training examples per block scored by the membership attack; >= 2
+  monitor.mia_repeats = 4  # noisings per example averaged into its membership score; >= 1
+  monitor.mia_fpr = 0.01  # false-positive rate at which the attack's TPR is reported; in [0, 1)
+  monitor.image_divergence = "cosine"  # images: "cosine" (1 - cosine of predicted noises) or "mse"
+  monitor.batch_size = 256  # probe examples per model and device call; >= 1
+  monitor.rules = ("divergence_minimum", "test_loss_minimum", "mia_auc_threshold")  # names in biasdiff.monitor.rules.RULES
+  monitor.patience = 3  # checkpoints without a new minimum before a minimum rule fires; >= 1
+  monitor.min_delta = 0.0  # a new minimum must be lower than the best by more than this; >= 0
+  monitor.mia_auc_threshold = 0.6  # bias budget of the rule mia_auc_threshold, in AUC units
+  monitor.divergence_threshold = 1.0  # bias budget of the rule divergence_threshold, in the divergence's units
+  monitor.stop_rule = "divergence_minimum"  # the rule that ends training when stop_training is True
+  monitor.stop_training = False  # end training when stop_rule fires; False only marks the checkpoints
+  return monitor

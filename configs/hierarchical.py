@@ -103,6 +103,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
   config.train = configs.train_section()
   config.checkpoint = configs.checkpoint_section()
   config.parallel = configs.parallel_section()
+  config.monitor = configs.monitor_section()
 
   if variant == "smoke":
     _smoke(config)
