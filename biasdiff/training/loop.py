@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
+# An eval callback whose record maps this key to True ends training after the
+# grid checkpoint it measured. The record stays in eval_metrics.jsonl, so a
+# restart from that checkpoint does not train further.
+STOP_TRAINING_KEY = "stop_training"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +86,8 @@ class GridPoint:
   mesh: Any
 
 
-# eval_callback(point) -> JSON-serialisable mapping to log, or None.
+# eval_callback(point) -> JSON-serialisable mapping to log, or None. A
+# mapping with STOP_TRAINING_KEY set to True ends training.
 EvalCallback = Callable[[GridPoint], Optional[Mapping[str, Any]]]
 
 
@@ -95,14 +100,23 @@ class TrainResult:
   step: int  # optimizer updates completed
   grid_epochs: list  # planned grid checkpoint epochs
   steps_per_epoch: int
+  stopped_early: bool = False  # an eval callback ended training before num_epochs
 
 
 def train(config, workdir: str,
           eval_callback: Optional[EvalCallback] = None) -> TrainResult:
-  """Train the hierarchical model zoo of `config` into `workdir`."""
+  """Train the hierarchical model zoo of `config` into `workdir`.
+
+  With config.monitor.enabled, the bias monitor of `biasdiff.monitor` runs at
+  every grid checkpoint next to `eval_callback`.
+  """
   # Imported here so the generic engine does not depend on the tree data.
   from biasdiff.training import tasks
+  from biasdiff import monitor
   task = tasks.hierarchical_task(config, workdir)
+  watcher = monitor.monitor_from_config(config, workdir)
+  if watcher is not None:
+    eval_callback = monitor.combine_callbacks(eval_callback, watcher)
   return fit(config, workdir, task, eval_callback=eval_callback)
 
 
@@ -130,7 +144,8 @@ def fit(config, workdir: str, task: TrainingTask, *,
     run.close()
   return TrainResult(state=run.state, models=list(task.models), step=run.step,
                      grid_epochs=run.grid_epochs,
-                     steps_per_epoch=run.source.steps_per_epoch)
+                     steps_per_epoch=run.source.steps_per_epoch,
+                     stopped_early=run.step < run.total_steps and run.stopped_early)
 
 
 def _check_train_config(train_config, num_models: int, data_axis: int) -> None:
@@ -210,6 +225,15 @@ class _MetricsLog:
             f"{step // self.steps_per_epoch}) for model {m} "
             f"({self.models[m].describe()}); lower the learning rate or check "
             "the data of that model.")
+
+
+def _stop_requested_at(path: str, step: int) -> bool:
+  """Return whether the eval record of `step` in `path` asked to stop training."""
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return any(r["step"] == step and r.get(STOP_TRAINING_KEY) for r in records)
 
 
 def _truncate_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
@@ -309,6 +333,17 @@ class _Run:
     if self.main:
       _truncate_jsonl(os.path.join(workdir, EVAL_METRICS_FILE),
                       lambda record: record["step"] <= self.step)
+    self.stopped_early = _stop_requested_at(
+        os.path.join(workdir, EVAL_METRICS_FILE), self.step)
+    if jax.process_count() > 1:
+      # Only process 0 is sure to see the file; every process must agree.
+      self.stopped_early = bool(multihost_utils.broadcast_one_to_all(
+          np.int32(self.stopped_early)))
+    if self.stopped_early:
+      logger.info("An eval callback ended this run at step %d; not training "
+                  "further. Remove that line of %s to continue.", self.step,
+                  EVAL_METRICS_FILE)
+      self.end_step = min(self.end_step, self.step)
     self.lr_fn = lr_schedules.make_learning_rate_fn(train_config,
                                                     steps_per_epoch)
     self.seeds = parallel.put_global(
@@ -454,6 +489,15 @@ class _Run:
       record = {"epoch": epoch, "step": self.step, **dict(result)}
       with open(os.path.join(self.workdir, EVAL_METRICS_FILE), "a") as f:
         f.write(json.dumps(record) + "\n")
+    stop = result is not None and bool(result.get(STOP_TRAINING_KEY, False))
+    if jax.process_count() > 1:
+      # Every process must leave the loop at the same step.
+      stop = bool(multihost_utils.broadcast_one_to_all(np.int32(stop)))
+    if stop:
+      logger.info("The eval callback ended training at epoch %d (step %d).",
+                  epoch, self.step)
+      self.stopped_early = True
+      self.end_step = self.step
 
   def close(self) -> None:
     if self.store is not None:
