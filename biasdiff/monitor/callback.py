@@ -114,7 +114,6 @@ class Monitor:
 
   def _build_probes(self, heldout: np.ndarray, blocks: dict) -> tuple:
     c = self.config
-    seed = c.seed
     block_size = min(blocks[int(b)].shape[0] for b in self.layout.blocks)
     sizes = {
         "split_heldout_examples": _capped(c.split_heldout_examples, heldout.shape[0],
@@ -124,28 +123,37 @@ class Monitor:
                                  "loss_examples"),
         "mia_examples": _capped(c.mia_examples, block_size, "mia_examples"),
     }
-    build = lambda examples, set_id, **kw: statistics.build_probe_set(
-        examples, self.adapter, seed=seed, set_id=set_id, **kw)
-    as_tuple = lambda s: (s.x0, s.t, s.noise)
+    request = statistics.ProbeRequest
     block_set = lambda b: probes.training_set_id(int(b))
+    num_split, num_train = sizes["split_heldout_examples"], sizes["split_train_examples"]
+    num_loss, num_mia = sizes["loss_examples"], sizes["mia_examples"]
+    # Sets in order: held-out at t*, held-out at random t, then per block
+    # (training at t*, at t_mia), then per model its own block at random t.
+    requests = [request(heldout[:num_split], probes.HELDOUT_SET, self.t_split, c.split_repeats),
+                request(heldout[:num_loss], probes.HELDOUT_SET)]
+    for b in self.layout.blocks:
+      if num_train:
+        requests.append(request(blocks[int(b)][:num_train], block_set(b), self.t_split,
+                                c.split_repeats))
+      requests.append(request(blocks[int(b)][:num_mia], block_set(b), self.t_mia, c.mia_repeats))
+    requests += [request(blocks[m.block][:num_loss], block_set(m.block)) for m in self.models]
+    sets = statistics.build_probe_sets(self.adapter, c.seed, requests)
 
-    split_heldout = build(heldout[:sizes["split_heldout_examples"]], probes.HELDOUT_SET,
-                          t=self.t_split, repeats=c.split_repeats)
+    as_tuple = lambda s: (s.x0, s.t, s.noise)
+    split_heldout, loss_heldout = sets[0], sets[1]
+    per_block = sets[2:len(sets) - len(self.models)]
+    own = sets[len(sets) - len(self.models):]
     split_train = None
-    if sizes["split_train_examples"]:
-      split_train = as_tuple(statistics.concatenate_probe_sets([
-          build(blocks[int(b)][:sizes["split_train_examples"]], block_set(b), t=self.t_split,
-                repeats=c.split_repeats) for b in self.layout.blocks]))
-    num_loss = sizes["loss_examples"]
-    loss_heldout = build(heldout[:num_loss], probes.HELDOUT_SET)
-    own = [build(blocks[m.block][:num_loss], block_set(m.block)) for m in self.models]
+    if num_train:
+      split_train = as_tuple(statistics.concatenate_probe_sets(per_block[0::2]))
+      mia_sets = per_block[1::2]
+    else:
+      mia_sets = per_block
     loss_own = tuple(jax.numpy.stack(parts) for parts in zip(*(as_tuple(s) for s in own)))
-    mia = statistics.concatenate_probe_sets([
-        build(blocks[int(b)][:sizes["mia_examples"]], block_set(b), t=self.t_mia,
-              repeats=c.mia_repeats) for b in self.layout.blocks])
     monitor_probes = statistics.MonitorProbes(
         split_heldout=as_tuple(split_heldout), split_train=split_train,
-        loss_heldout=as_tuple(loss_heldout), loss_own=loss_own, mia=as_tuple(mia))
+        loss_heldout=as_tuple(loss_heldout), loss_own=loss_own,
+        mia=as_tuple(statistics.concatenate_probe_sets(mia_sets)))
     return monitor_probes, sizes
 
   @property

@@ -307,39 +307,82 @@ class ProbeSet(NamedTuple):
   example: np.ndarray  # [N] row of the clean example within its source array (host)
 
 
-def build_probe_set(examples: Any, adapter, *, seed: rng.KeyLike, set_id: int,
-                    indices: Any = None, t: Optional[int] = None, repeats: int = 1) -> ProbeSet:
-  """Noise every example `repeats` times at time t, or once at its own random time.
+class ProbeRequest(NamedTuple):
+  """Clean examples of one input set and how to noise them (see `build_probe_sets`)."""
+  examples: Any  # [N, *example]
+  set_id: int  # probes.HELDOUT_SET or probes.training_set_id(block)
+  t: Optional[int] = None  # fixed time; None draws one random time per example
+  repeats: int = 1  # noisings per example at a fixed time
 
-  Fixed t: input (i, r) gets eps from fold(seed, PROBE, set_id, indices[i], t, r)
-  for r = 0 ... repeats - 1, in example-major order. Random time (t None):
-  example i draws t_i uniformly from the schedule's times, from
-  fold(seed, PROBE, set_id, indices[i], TIME_DRAW, 1), and its noise from
-  fold(seed, PROBE, set_id, indices[i], t_i, 1).
+
+def build_probe_sets(adapter, seed: rng.KeyLike, requests: Sequence[ProbeRequest]) -> list:
+  """Noise the examples of every request; returns one `ProbeSet` per request.
+
+  Row i of a request is example i of its set. At a fixed t, input (i, r) gets
+  eps from fold(seed, PROBE, set_id, i, t, r) for r = 0 ... repeats - 1, in
+  example-major order. With t None, example i draws t_i uniformly from the
+  schedule's times, from fold(seed, PROBE, set_id, i, TIME_DRAW, 1), and its
+  noise from fold(seed, PROBE, set_id, i, t_i, 1). Every request is drawn in
+  one device call, so a monitor compiles this once.
   """
-  examples = np.asarray(examples)
-  if examples.ndim != 1 + adapter.example_ndim or examples.shape[0] < 1:
-    raise ValueError(f"examples must have shape [N, *example] with {adapter.example_ndim} example "
-                     f"axes and N >= 1, got {examples.shape}.")
-  set_id = probes.check_nonnegative_int(set_id, "set_id")
-  indices = probes.check_indices(indices, examples.shape[0])
   schedule = adapter.schedule
-  noise_shape = adapter.noise_shape(examples.shape[1:])
-  if t is None:
-    index = jnp.asarray(indices, jnp.int32)
-    times = probes.probe_times(seed, set_id, index, schedule.first_t, schedule.last_t,
-                               LOSS_REPETITION)
-    noise = probes.probe_noise(seed, set_id, index, times, LOSS_REPETITION, noise_shape)
-    rows = np.arange(examples.shape[0])
-  else:
-    t = probes.check_time(schedule, t)
-    repeats = probes.check_positive_int(repeats, "repeats")
-    rows = np.repeat(np.arange(examples.shape[0]), repeats)
-    repetition = np.tile(np.arange(repeats), examples.shape[0])
-    times = jnp.full(rows.shape, t, jnp.int32)
-    noise = probes.probe_noise(seed, set_id, jnp.asarray(indices[rows], jnp.int32), times,
-                               jnp.asarray(repetition, jnp.int32), noise_shape)
-  return ProbeSet(jnp.asarray(examples[rows]), jnp.asarray(times, jnp.int32), noise, rows)
+  parts = []
+  for request in requests:
+    examples = np.asarray(request.examples)
+    if examples.ndim != 1 + adapter.example_ndim or examples.shape[0] < 1:
+      raise ValueError(f"examples must have shape [N, *example] with {adapter.example_ndim} "
+                       f"example axes and N >= 1, got {examples.shape}.")
+    set_id = probes.check_nonnegative_int(request.set_id, "set_id")
+    if request.t is None:
+      rows = np.arange(examples.shape[0])
+      repetition = np.full(rows.shape, LOSS_REPETITION)
+      fixed_t = schedule.first_t  # unused: every example draws its own time
+    else:
+      fixed_t = probes.check_time(schedule, request.t)
+      repeats = probes.check_positive_int(request.repeats, "repeats")
+      rows = np.repeat(np.arange(examples.shape[0]), repeats)
+      repetition = np.tile(np.arange(repeats), examples.shape[0])
+    parts.append((examples, rows, set_id, repetition, fixed_t, request.t is None))
+  if {p[0].shape[1:] for p in parts} != {parts[0][0].shape[1:]}:
+    raise ValueError("Every probe request must have examples of the same shape.")
+
+  column = lambda values, dtype=np.int32: np.concatenate(values).astype(dtype)
+  times, noise = _draw_probes(
+      rng.as_key(seed),
+      jnp.asarray(column([np.full(p[1].shape, p[2]) for p in parts])),
+      jnp.asarray(column([p[1] for p in parts])),
+      jnp.asarray(column([p[3] for p in parts])),
+      jnp.asarray(column([np.full(p[1].shape, p[4]) for p in parts])),
+      jnp.asarray(column([np.full(p[1].shape, p[5]) for p in parts], bool)),
+      noise_shape=adapter.noise_shape(parts[0][0].shape[1:]), first_t=schedule.first_t,
+      last_t=schedule.last_t)
+  sets, start = [], 0
+  for examples, rows, *_ in parts:
+    stop = start + rows.size
+    sets.append(ProbeSet(jnp.asarray(examples[rows]), times[start:stop], noise[start:stop],
+                         rows))
+    start = stop
+  return sets
+
+
+@functools.partial(jax.jit, static_argnames=("noise_shape", "first_t", "last_t"))
+def _draw_probes(key, set_ids, indices, repetitions, fixed_times, random_time, *, noise_shape,
+                 first_t, last_t):
+  # Per-row ids [N] -> times [N] and noise [N, *noise_shape].
+
+  def draw(set_id, index, repetition, fixed_t, random):
+    index = index[None]
+    drawn = probes.probe_times(key, set_id, index, first_t, last_t, repetition)[0]
+    t = jnp.where(random, drawn, fixed_t)
+    return t, probes.probe_noise(key, set_id, index, t, repetition, noise_shape)[0]
+
+  return jax.vmap(draw)(set_ids, indices, repetitions, fixed_times, random_time)
+
+
+def build_probe_set(examples: Any, adapter, *, seed: rng.KeyLike, set_id: int,
+                    t: Optional[int] = None, repeats: int = 1) -> ProbeSet:
+  """Noise the examples of one set; see `build_probe_sets`."""
+  return build_probe_sets(adapter, seed, [ProbeRequest(examples, set_id, t, repeats)])[0]
 
 
 def concatenate_probe_sets(sets: Sequence[ProbeSet]) -> ProbeSet:
