@@ -56,7 +56,7 @@ def monitor_section() -> ml_collections.ConfigDict:
   monitor.seed = 0  # seed of the probe noise and probe times, fold(seed, PROBE, set, index, t, r)
   monitor.use_ema = True  # measure the parameter EMA when the run keeps one, else the raw parameters
   monitor.split_time_fraction = 0.15  # t* = floor(fraction T) of the sample-split divergence; in (0, 1]
-  monitor.mia_time_fraction = 0.1  # t of the membership-inference loss, floor(fraction T); in (0, 1]
+  monitor.mia_time_fraction = 0.05  # t of the membership-inference loss, floor(fraction T); in (0, 1]
   monitor.split_heldout_examples = 512  # held-out examples of the sample-split divergence; >= 1
   monitor.split_train_examples = 256  # training examples per block for the divergence on training data; 0 disables
   monitor.split_repeats = 1  # noisings per example at t*; >= 1

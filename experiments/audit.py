@@ -140,7 +140,7 @@ def audit(workdir: str, output_dir: Optional[str] = None, overrides: Sequence[st
       "decisions": {name: d.to_json() for name, d in decisions.items()},
   }
   io.write_json_atomically(os.path.join(output_dir, "audit.json"), _finite_json(result))
-  plot(history, decisions, output_dir)
+  plot(history, decisions, output_dir, specs)
   print(table, end="")
   return result
 
@@ -166,7 +166,7 @@ def _cell(record: dict, name: str, width: int, digits: int) -> str:
 def format_table(history: list, decisions: dict) -> str:
   """Format one row per checkpoint; marks name the rules that release (*) or stop (!) there."""
   header = (f"{'epoch':>7} {'step':>8} {'test loss':>10} {'train loss':>10} {'gap':>8} "
-            f"{'div t*':>9} {'div train':>9} {'MIA AUC':>8} {'TPR@FPR':>8}  rules")
+            f"{'div t*':>9} {'div train':>9} {'MIA AUC':>8} {'TPR':>6} {'FPR':>6}  rules")
   lines = [header, "-" * len(header)]
   for index, record in enumerate(history):
     marks = []
@@ -180,16 +180,19 @@ def format_table(history: list, decisions: dict) -> str:
         f"{record['epoch']:>7d} {record['step']:>8d} {_cell(record, 'test_loss', 10, 4)} "
         f"{_cell(record, 'train_loss', 10, 4)} {_cell(record, 'loss_gap', 8, 4)} "
         f"{_cell(record, 'divergence', 9, 4)} {_cell(record, 'divergence_train', 9, 4)} "
-        f"{_cell(record, 'mia_auc', 8, 3)} {_cell(record, 'mia_tpr', 8, 3)}  {' '.join(marks)}")
+        f"{_cell(record, 'mia_auc', 8, 3)} {_cell(record, 'mia_tpr', 6, 3)} "
+        f"{_cell(record, 'mia_fpr', 6, 3)}  {' '.join(marks)}")
   lines.append("")
   legend = ", ".join(f"{mark} = {name}" for name, mark in _MARKS.items() if name in decisions)
   lines.append(f"Rules: {legend}; * released checkpoint, ! where the rule fired.")
+  lines.append("TPR and FPR: the attack's rates at the threshold calibrated on the other model "
+               "of each pair; an FPR far from its target means the calibration did not transfer.")
   for name, decision in decisions.items():
     if decision.release_epoch is None:
       lines.append(f"  {name}: no checkpoint qualifies.")
       continue
     state = (f"fired at epoch {decision.stop_epoch}" if decision.fired
-             else "not fired (best so far, unconfirmed)")
+             else "not fired: the best so far, unconfirmed")
     lines.append(
         f"  {name}: releases epoch {decision.release_epoch} ({state}); test loss "
         f"{decision.test_loss_at_release:.4f}, {decision.test_loss_cost:+.4f} "
@@ -212,8 +215,13 @@ def _draw(axis, epochs, history, name, label, colour):
     axis.fill_between(epochs, values - errors, values + errors, color=colour, alpha=0.2, lw=0)
 
 
-def plot(history: list, decisions: dict, output_dir: str) -> list:
-  """Draw every statistic against epoch on one shared axis; returns the PNG and PDF paths."""
+def plot(history: list, decisions: dict, output_dir: str,
+         specs: Sequence[monitor.RuleSpec] = ()) -> list:
+  """Draw every statistic against epoch on one shared axis; returns the PNG and PDF paths.
+
+  Vertical lines mark the epoch each rule releases (solid once it fired),
+  horizontal dashed lines the thresholds of the threshold rules.
+  """
   epochs = np.array([r["epoch"] for r in history], dtype=np.float64)
   figure, axes = plt.subplots(4, 1, figsize=(7, 10), sharex=True)
 
@@ -224,19 +232,28 @@ def plot(history: list, decisions: dict, output_dir: str) -> list:
   _draw(axes[1], epochs, history, "divergence", "held-out inputs", "tab:red")
   _draw(axes[1], epochs, history, "divergence_train", "training inputs", "tab:orange")
   axes[1].set_ylabel("sample-split divergence at t*")
+  divergence, _ = _series(history, "divergence")
+  if np.all(divergence[np.isfinite(divergence)] > 0):
+    axes[1].set_yscale("log")  # the minimum sits far below the early values
 
   _draw(axes[2], epochs, history, "loss_gap", "train - held-out", "tab:green")
   axes[2].axhline(0.0, color="grey", lw=0.8)
   axes[2].set_ylabel("loss gap")
 
   _draw(axes[3], epochs, history, "mia_auc", "MIA AUC", "tab:purple")
-  _draw(axes[3], epochs, history, "mia_tpr", "TPR at the calibrated FPR", "tab:pink")
+  _draw(axes[3], epochs, history, "mia_tpr", "TPR at the calibrated threshold", "tab:pink")
+  _draw(axes[3], epochs, history, "mia_fpr", "realised FPR there", "tab:gray")
   axes[3].axhline(0.5, color="grey", lw=0.8)
   axes[3].set_ylabel("membership inference")
   axes[3].set_xlabel("epoch")
   if epochs.size > 1 and epochs.min() > 0:
     axes[3].set_xscale("log")
 
+  statistic_axes = {"divergence": axes[1], "mia_auc": axes[3]}
+  for spec in specs:
+    if spec.kind == monitor.rules.THRESHOLD and spec.statistic in statistic_axes:
+      statistic_axes[spec.statistic].axhline(spec.threshold, color=_COLOURS.get(spec.name, "black"),
+                                             ls="--", lw=0.8, label=f"{spec.name} threshold")
   for name, decision in decisions.items():
     if decision.release_epoch is None:
       continue

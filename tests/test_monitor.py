@@ -27,6 +27,7 @@ from biasdiff.monitor import rules  # pylint: disable=g-import-not-at-top
 from biasdiff.monitor import statistics  # pylint: disable=g-import-not-at-top
 from biasdiff.training import loop  # pylint: disable=g-import-not-at-top
 from biasdiff.training import state as state_lib  # pylint: disable=g-import-not-at-top
+from biasdiff.training import tasks  # pylint: disable=g-import-not-at-top
 from helpers import tiny_training as tiny  # pylint: disable=g-import-not-at-top
 
 AUDIT_PATH = os.path.join(REPOSITORY, "experiments", "audit.py")
@@ -237,6 +238,15 @@ def test_mia_auc_near_one_for_memorising_denoiser(tree_data):
     assert tpr > 0.5
   # A memoriser fits its own block better than held-out data.
   assert record["loss_gap"] < 0.0
+  expected_overlap = [monitor.callback.content_overlap(blocks[1], blocks[0]),
+                      monitor.callback.content_overlap(blocks[0], blocks[1])]
+  assert record["per_pair"]["mia_nonmember_overlap"] == [expected_overlap]
+
+
+def test_content_overlap_counts_equal_rows():
+  reference = np.array([[0, 1, 2], [3, 4, 5]], np.uint8)
+  queries = np.array([[3, 4, 5], [0, 1, 1], [0, 1, 2], [5, 4, 3]], np.int32)
+  assert monitor.callback.content_overlap(queries, reference) == 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -480,9 +490,30 @@ def _tiny_hierarchical_config(enabled: bool):
 
 @pytest.fixture(scope="module")
 def monitored_run(tmp_path_factory):
+  """A tiny tree-data run trained with the monitor of its config."""
   workdir = str(tmp_path_factory.mktemp("monitored"))
-  result = loop.train(_tiny_hierarchical_config(enabled=True), workdir)
+  config = _tiny_hierarchical_config(enabled=True)
+  # loop.train does the same without the fast-compile options.
+  result = loop.fit(config, workdir, tasks.hierarchical_task(config, workdir),
+                    eval_callback=monitor.monitor_from_config(config, workdir),
+                    compiler_options=tiny.COMPILER_OPTIONS)
   return workdir, result
+
+
+def test_train_adds_monitor_when_enabled(tmp_path, monkeypatch):
+  seen = {}
+
+  def fake_fit(config, workdir, task, eval_callback=None):
+    seen["callback"] = eval_callback
+    return None
+
+  monkeypatch.setattr(loop, "fit", fake_fit)
+  loop.train(_tiny_hierarchical_config(enabled=False), str(tmp_path / "off"))
+  assert seen["callback"] is None
+  loop.train(_tiny_hierarchical_config(enabled=True), str(tmp_path / "on"),
+             eval_callback=lambda point: {"extra": 1})
+  assert seen["callback"] is not None
+  assert monitor.monitor_from_config(_tiny_hierarchical_config(enabled=False), "unused") is None
 
 
 def test_audit_reads_monitor_records(monitored_run, tmp_path, capsys):

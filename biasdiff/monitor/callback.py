@@ -102,8 +102,9 @@ class Monitor:
     self.t_mia = probes.time_at_fraction(monitor_config.mia_time_fraction, schedule.num_steps)
     self.t_split = probes.check_time(schedule, self.t_split, "monitor t*")
     self.t_mia = probes.check_time(schedule, self.t_mia, "monitor membership time")
-    self.probes, self.sizes = self._build_probes(np.asarray(heldout),
-                                                 {int(b): np.asarray(v) for b, v in blocks.items()})
+    blocks = {int(b): np.asarray(v) for b, v in blocks.items()}
+    self.probes, self.sizes = self._build_probes(np.asarray(heldout), blocks)
+    self.nonmember_overlap = self._nonmember_overlap(blocks)
     self.specs = rules_lib.rules_from_config(monitor_config)
     self.measure_fn = statistics.make_measure(adapter, self.layout.pairs, len(self.models),
                                               monitor_config.batch_size)
@@ -156,6 +157,23 @@ class Monitor:
         mia=as_tuple(statistics.concatenate_probe_sets(mia_sets)))
     return monitor_probes, sizes
 
+  def _nonmember_overlap(self, blocks: dict) -> list:
+    """[P][2] fraction of each attack's non-member probes whose content is in the model's block.
+
+    Blocks are disjoint by index, not by content; a non-member that equals a
+    training example of the attacked model caps the attack's AUC below 1.
+    """
+    num_mia = self.sizes["mia_examples"]
+    overlap = []
+    for a, b in self.layout.pairs:
+      block_a, block_b = blocks[self.models[a].block], blocks[self.models[b].block]
+      overlap.append([content_overlap(block_b[:num_mia], block_a),
+                      content_overlap(block_a[:num_mia], block_b)])
+    if overlap:
+      logger.info("Membership probes: %.1f%% of the non-members equal a member in content.",
+                  100 * float(np.mean(overlap)))
+    return overlap
+
   @property
   def forward_passes(self) -> int:
     """Single-example network evaluations per checkpoint, all models together."""
@@ -178,6 +196,9 @@ class Monitor:
     self.seconds.append(seconds)
     record.update({"t_split": self.t_split, "t_mia": self.t_mia, "seconds": seconds,
                    "forward_passes": self.forward_passes})
+    if "per_pair" in record:
+      record["per_pair"]["mia_nonmember_overlap"] = self.nonmember_overlap
+      record["mia_nonmember_overlap"] = float(np.mean(self.nonmember_overlap))
     return record
 
   def observe(self, epoch: int, step: int, record: dict) -> dict:
@@ -206,6 +227,13 @@ class Monitor:
     return {MONITOR_KEY: record,
             RULES_KEY: {name: d.to_json() for name, d in decisions.items()},
             loop.STOP_TRAINING_KEY: stop}
+
+
+def content_overlap(queries: np.ndarray, reference: np.ndarray) -> float:
+  """Return the fraction of query examples equal, value for value, to some reference example."""
+  known = {row.tobytes() for row in np.ascontiguousarray(reference)}
+  rows = np.ascontiguousarray(queries.astype(reference.dtype))
+  return float(np.mean([row.tobytes() in known for row in rows]))
 
 
 def _to_host(tree: Any) -> dict:

@@ -501,11 +501,19 @@ def make_layout(model_blocks: Sequence[int]) -> Layout:
 
 
 def _mean_over_pairs(values: np.ndarray, errors: np.ndarray, pairs: np.ndarray) -> tuple:
-  """Mean of per-pair values; SE from a leave-one-model-out jackknife (the pair's own SE for P = 1)."""
+  """Return the mean of per-pair values and its SE.
+
+  SE^2 = SE_jackknife^2 + mean_p(errors_p)^2: a leave-one-model-out jackknife
+  for the spread between models, plus the probe-sampling SE of the pairs. All
+  pairs share the probe inputs, so that part does not shrink with the number
+  of pairs, and the mean of the pairs' SEs bounds it from above. One pair gives
+  its own SE.
+  """
   if values.size == 1:
     return float(values[0]), float(errors[0])
   result = stats.jackknife(values, pairs)
-  return float(result.estimate), float(result.se)
+  probe_se = float(np.mean(errors))
+  return float(result.estimate), float(np.sqrt(result.se**2 + probe_se**2))
 
 
 def _per_example(values: np.ndarray, repeats: int) -> np.ndarray:
@@ -528,10 +536,10 @@ def summarise(raw: dict, layout: Layout, *, split_repeats: int, mia_examples: in
   first), the same on block A's and block B's training examples (their mean is
   `divergence_train`), and the membership attack in both directions. Per
   model: held-out (test) loss, own-block (train) loss and their gap. Across
-  pairs: the mean, with a leave-one-model-out jackknife SE when there are
-  several pairs (pairs share models). Across models: the mean, with the SE
-  over held-out examples of the model-averaged loss (the test loss), or the
-  per-model SEs combined as sqrt(sum se_m^2) / M (train loss and gap).
+  pairs: the mean, with the SE of `_mean_over_pairs`. Across models: the mean,
+  with the SE over held-out examples of the model-averaged loss (the test
+  loss), or the per-model SEs combined as sqrt(sum se_m^2) / M (train loss
+  and gap).
   """
   raw = {name: np.asarray(value, np.float64) for name, value in raw.items()}
   pairs = layout.pairs
