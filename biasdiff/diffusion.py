@@ -219,6 +219,59 @@ def ddpm_schedule(num_steps: int = 1000) -> Schedule:
                   betas=betas.astype(np.float64), alpha_bars=alpha_bars.astype(np.float64))
 
 
+def respaced_times(num_steps: int, num_kept: int) -> np.ndarray:
+  """Return num_kept evenly spaced times of a 0-based schedule, first and last included.
+
+  tau_k = round(k (T - 1) / (K - 1)) for k = 0 ... K - 1, as int32 in
+  increasing order. K = T keeps every time.
+  """
+  _check_num_steps(num_steps)
+  _check_num_steps(num_kept)
+  if not 2 <= num_kept <= num_steps:
+    raise ValueError(
+        f"num_kept={num_kept} must lie in [2, num_steps={num_steps}] to keep the first "
+        "and the last time.")
+  times = np.round(np.linspace(0.0, num_steps - 1, num_kept)).astype(np.int32)
+  if np.unique(times).size != num_kept:
+    raise ValueError(f"Respacing {num_steps} steps to {num_kept} repeats a time; use fewer steps.")
+  return times
+
+
+def respaced_schedule(schedule: Schedule, kept_times: Sequence[int]) -> Schedule:
+  """Build the DDPM schedule on a subset of the times of a 0-based schedule.
+
+  For kept times tau_0 < ... < tau_{K-1} the new schedule has, at its own
+  index k = 0 ... K - 1,
+
+    abar'_k = abar_{tau_k},   beta'_k = 1 - abar'_k / abar'_{k-1},   abar'_{-1} = 1,
+
+  so its marginals q(x_k | x_0) equal those of the original schedule at
+  tau_k and each ancestral step jumps from tau_k to tau_{k-1}. A network
+  trained on the original times must be called with tau_k, not k: map the
+  sampler's index through `kept_times`. With every time kept it returns
+  `schedule` itself (recomputing beta from the float32 abar table would
+  differ from the stored betas by about 1e-7).
+  """
+  if schedule.first_t != 0:
+    raise ValueError(
+        f"respaced_schedule needs a 0-based schedule, got first_t={schedule.first_t} "
+        f"for {schedule.name!r}.")
+  times = np.asarray(kept_times)
+  if times.ndim != 1 or times.size < 1 or not np.issubdtype(times.dtype, np.integer):
+    raise ValueError(f"kept_times must be a non-empty 1-D integer array, got {times!r}.")
+  if times[0] < 0 or times[-1] > schedule.last_t or np.any(np.diff(times) <= 0):
+    raise ValueError(
+        f"kept_times must increase strictly within 0 ... {schedule.last_t}, got "
+        f"{times.tolist()[:5]} ... {times.tolist()[-3:]}.")
+  if times.size == schedule.num_steps:
+    return schedule
+  alpha_bars = schedule.alpha_bars[times]
+  previous = np.concatenate([[1.0], alpha_bars[:-1]])
+  betas = 1.0 - alpha_bars / previous
+  return Schedule(name=f"{schedule.name}_respaced{times.size}", first_t=0, betas=betas,
+                  alpha_bars=alpha_bars)
+
+
 def _check_num_steps(num_steps: int) -> None:
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
     raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
