@@ -218,3 +218,29 @@ def test_make_denoiser_dispatches_by_kind():
 def test_exact_denoiser_rejects_bad_input(shape, kwargs, message):
   with pytest.raises(ValueError, match=message):
     hier.exact_denoiser(hier.paper_grammar(), jnp.zeros(shape), 0.5, **kwargs)
+
+
+@pytest.mark.parametrize("alpha_bar, message", [
+    (1.0, r"alpha_bar must lie in \(0, 1\)"),
+    (-0.5, r"alpha_bar must lie in \(0, 1\)"),
+    (1.5, r"alpha_bar must lie in \(0, 1\)"),
+    (np.full((2, 1), 0.5), r"alpha_bar of shape \(2, 1\) must be a scalar or broadcast"),
+])
+def test_exact_denoiser_rejects_bad_alpha_bar(alpha_bar, message):
+  with pytest.raises(ValueError, match=message):
+    hier.exact_denoiser(hier.paper_grammar(), jnp.zeros((2, 16, 6)), alpha_bar)
+
+
+def test_log_likelihood_rejects_out_of_range_tokens():
+  with pytest.raises(ValueError, match=r"tokens must lie in \[0, 6\), got values in \[0, 6\]"):
+    hier.log_likelihood(hier.paper_grammar(), np.array([[6, 0, 0, 0]]))
+  with pytest.raises(TypeError, match="mask must be boolean"):
+    hier.log_likelihood(hier.paper_grammar(), np.zeros((1, 4), int), np.full((1, 4), 0.5))
+
+
+def test_empirical_denoiser_rejects_bad_references():
+  x_t = jnp.zeros((1, 4, 6))
+  with pytest.raises(ValueError, match=r"references must lie in \[0, 6\)"):
+    hier.empirical_denoiser(np.array([[6, 0, 0, 0]]), x_t, 0.5, num_symbols=6)
+  with pytest.raises(TypeError, match="references must be integer tokens"):
+    hier.empirical_denoiser(np.zeros((1, 4)) + 0.3, x_t, 0.5, num_symbols=6)

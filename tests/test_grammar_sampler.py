@@ -197,3 +197,20 @@ def test_sampler_same_on_four_devices():
                           capture_output=True, text=True).stdout
   here = hier.sample_sequences(hier.paper_grammar(), 4, 64, seed=9).sum(axis=1).tolist()
   assert output.strip() == str(here)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(seed=-1), ValueError, r"must lie in \[0, 2\*\*32\)"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(num_sequences=2.5), TypeError, "num_sequences must be an integer"),
+])
+def test_sampler_rejects_bad_arguments(kwargs, error, message):
+  arguments = {"num_sequences": 4, "seed": 0}
+  arguments.update(kwargs)
+  with pytest.raises(error, match=message):
+    hier.sample_sequences(hier.paper_grammar(), 3, **arguments)
+
+
+def test_sampler_rejects_more_than_256_symbols():
+  with pytest.raises(ValueError, match="q <= 256"):
+    hier.sample_sequences(hier.make_grammar(300, 1), 2, 4, seed=0)

@@ -68,6 +68,7 @@ def leaf_field(x_t: jax.Array, alpha_bar: jax.Array) -> jax.Array:
   if not jnp.issubdtype(x_t.dtype, jnp.floating):
     x_t = x_t.astype(jnp.float32)
   alpha_bar = jnp.asarray(alpha_bar, dtype=x_t.dtype)
+  _check_alpha_bar(alpha_bar, x_t.shape[:-2])
   gamma = jnp.sqrt(alpha_bar) / (1.0 - alpha_bar)
   field = gamma[..., None, None] * x_t
   return jnp.clip(field, -_FIELD_LIMIT, _FIELD_LIMIT)
@@ -150,14 +151,40 @@ def log_likelihood(grammar: Grammar,
   tokens = jnp.asarray(tokens)
   if not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise TypeError(f"tokens must be integers, got dtype {tokens.dtype}")
+  if tokens.ndim < 1:
+    raise ValueError(f"tokens must have shape [..., L], got a scalar {tokens}")
   q = grammar.num_symbols
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size and (
+      int(tokens.min()) < 0 or int(tokens.max()) >= q):
+    raise ValueError(f"tokens must lie in [0, {q}), got values in "
+                     f"[{int(tokens.min())}, {int(tokens.max())}]")
   field = jnp.where(jax.nn.one_hot(tokens, q, dtype=jnp.float32) > 0, 0.0, -jnp.inf)
   if mask is not None:
-    mask = jnp.asarray(mask, dtype=bool)
+    mask = jnp.asarray(mask)
+    if mask.dtype != bool:
+      raise TypeError(f"mask must be boolean (True = observed), got dtype {mask.dtype}")
     if mask.shape != tokens.shape:
       raise ValueError(f"mask shape {mask.shape} must equal tokens shape {tokens.shape}")
     field = jnp.where(mask[..., None], field, 0.0)
   return log_partition(grammar, field, epsilon)
+
+
+def _check_alpha_bar(alpha_bar: jax.Array, batch_shape: tuple) -> None:
+  """Reject abar outside (0, 1) and shapes that would not broadcast to the batch."""
+  try:
+    broadcast = jnp.broadcast_shapes(alpha_bar.shape, batch_shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(batch_shape):
+    raise ValueError(f"alpha_bar of shape {alpha_bar.shape} must be a scalar or broadcast to "
+                     f"the batch shape {tuple(batch_shape)} of x_t (one value per sequence)")
+  if isinstance(alpha_bar, jax.core.Tracer):
+    return  # Values are unknown under jit; schedules only produce values in (0, 1).
+  if alpha_bar.size and not bool(jnp.all((alpha_bar > 0) & (alpha_bar < 1))):
+    raise ValueError(
+        f"alpha_bar must lie in (0, 1), got values in [{float(alpha_bar.min())}, "
+        f"{float(alpha_bar.max())}]; at abar = 1 the data is noiseless and the field "
+        "sqrt(abar)/(1 - abar) is infinite (in float32, 1 - 1e-8 rounds to 1)")
 
 
 def _check_evidence(grammar: Grammar, field) -> int:

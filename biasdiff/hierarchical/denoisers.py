@@ -48,8 +48,15 @@ def empirical_denoiser(references: jax.Array, x_t: jax.Array, alpha_bar: jax.Arr
     float [..., L, q].
   """
   references = jnp.asarray(references)
+  x_t = jnp.asarray(x_t)
   if references.ndim != 2 or references.shape[0] < 1:
     raise ValueError(f"references must have shape [P, L] with P >= 1, got {references.shape}")
+  if not jnp.issubdtype(references.dtype, jnp.integer):
+    raise TypeError(f"references must be integer tokens, got dtype {references.dtype}")
+  if not isinstance(references, jax.core.Tracer) and (
+      int(references.min()) < 0 or int(references.max()) >= num_symbols):
+    raise ValueError(f"references must lie in [0, {num_symbols}), got values in "
+                     f"[{int(references.min())}, {int(references.max())}]")
   if x_t.shape[-2:] != (references.shape[1], num_symbols):
     raise ValueError(f"x_t has trailing shape {x_t.shape[-2:]}, expected "
                      f"({references.shape[1]}, {num_symbols}) to match the references")

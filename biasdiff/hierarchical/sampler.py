@@ -49,6 +49,15 @@ def sample_sequences(grammar: Grammar,
     uint8 array [num_sequences, 2**depth] of symbols.
   """
   depth = _check_depth(depth)
+  if grammar.num_symbols > 256:
+    raise ValueError(f"sample_sequences stores symbols as uint8, so q <= 256; the grammar has "
+                     f"q = {grammar.num_symbols}")
+  for name, value in (("num_sequences", num_sequences), ("start", start), ("seed", seed),
+                      ("stream", stream)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise TypeError(f"{name} must be an integer, got {value!r}")
+  if not 0 <= seed < 2**32 or not 0 <= stream < 2**32:
+    raise ValueError(f"seed ({seed}) and stream ({stream}) must lie in [0, 2**32)")
   if num_sequences < 0 or start < 0:
     raise ValueError(f"num_sequences ({num_sequences}) and start ({start}) must be >= 0")
   if chunk_size < 1:
@@ -71,8 +80,9 @@ def _pair_cdf(grammar: Grammar) -> jax.Array:
   """Cumulative distribution over flattened child pairs, float32 [q, q*q].
 
   Zero-probability pairs repeat the previous cumulative value, so inverse-CDF
-  sampling (first entry exceeding u) never selects them. The last cumulative value
-  is set to exactly 1 after the last allowed pair so rounding cannot run past it.
+  sampling (first entry exceeding u) never selects them. From the last allowed pair
+  on, the cumulative value is set to 2, above any u in [0, 1), so float32 rounding
+  of the sum can never select a pair past it.
   """
   q = grammar.num_symbols
   probs = grammar.rules.reshape(q, q * q)
