@@ -4,7 +4,8 @@ An experiment config (configs/<experiment>.py) exposes `get_config(variant)`
 for ml_collections' `config_flags.DEFINE_config_file` and contains at least
 the sections built here: `train`, `checkpoint` and `parallel`. Configs are
 locked, so assigning a field that does not exist (a typo) raises an error
-naming it instead of adding a new field.
+naming it instead of adding a new field. `biasdiff.training.fit` checks every
+range noted below before it writes to the workdir.
 """
 
 import ml_collections
@@ -13,8 +14,8 @@ import ml_collections
 def train_section() -> ml_collections.ConfigDict:
   """Optimizer, schedule and step settings read by `biasdiff.training.fit`."""
   train = ml_collections.ConfigDict()
-  train.batch_size = 512  # rows per model and step (B); divisible by the mesh's data axis
-  train.num_epochs = 20_000  # epochs (N_ep); an epoch is ceil(n / batch_size) steps
+  train.batch_size = 512  # rows per model and step (B); in [1, n] and divisible by the mesh's data axis
+  train.num_epochs = 20_000  # epochs (N_ep); an epoch is ceil(n / batch_size) steps; >= 1
   train.learning_rate = 3e-4  # base Adam learning rate; > 0
   train.lr_schedule = "paper_epoch"  # "paper_epoch" (per-epoch lambda(e)), "warmup_cosine" (per step) or "constant"
   train.warmup_steps = 0  # steps of linear warm-up; warmup_cosine only; >= 0
@@ -33,10 +34,10 @@ def checkpoint_section() -> ml_collections.ConfigDict:
   """Grid and rolling checkpoint settings."""
   checkpoint = ml_collections.ConfigDict()
   checkpoint.grid = "log"  # permanent grid: "log" (log-spaced epochs), "linear" (linspace + final) or "none" (final only)
-  checkpoint.grid_min_epoch = 100  # first grid epoch (E_min); in [1, num_epochs]
+  checkpoint.grid_min_epoch = 100  # first grid epoch (E_min); in [1, num_epochs] ("log") or [1, num_epochs - 1] ("linear")
   checkpoint.grid_size = 25  # grid points (K) before duplicates are dropped; >= 2
-  checkpoint.rolling_every_steps = 0  # steps between rolling checkpoints; 0 disables
-  checkpoint.rolling_every_minutes = 30.0  # minutes between rolling checkpoints; 0 disables
+  checkpoint.rolling_every_steps = 0  # steps between rolling checkpoints; >= 0, 0 disables
+  checkpoint.rolling_every_minutes = 30.0  # minutes between rolling checkpoints; >= 0, 0 disables
   checkpoint.rolling_to_keep = 2  # rolling checkpoints kept on disk; >= 1
   checkpoint.async_save = False  # write checkpoints in a background thread
   return checkpoint

@@ -59,7 +59,11 @@ class BatchSource:
   Args:
     data: [M, n, ...] training rows of each model (tokens or images).
     seeds: the M training seeds.
-    batch_size: rows per step and model, B.
+    batch_size: rows per step and model, B, in [1, n].
+
+  Raises:
+    ValueError: on data that is not [M, n, ...] with one seed per model, or a
+      batch size outside [1, n].
   """
 
   def __init__(self, data: np.ndarray, seeds: Sequence[int], batch_size: int):
@@ -75,6 +79,16 @@ class BatchSource:
     self.seeds = np.asarray(seeds, np.int64)
     self.batch_size = int(batch_size)
     self.num_models, self.n = data.shape[:2]
+    if self.n < 1:
+      raise ValueError(
+          f"Training data contains n={self.n} rows per model; give each model "
+          "at least one training row.")
+    if not 1 <= self.batch_size <= self.n:
+      # Every step is padded to B rows, so B > n would only add padding rows.
+      raise ValueError(
+          f"Invalid train.batch_size={self.batch_size} for n={self.n} training "
+          f"rows per model (data.n). Set train.batch_size to a value in [1, "
+          f"{self.n}].")
     self.steps_per_epoch = steps_per_epoch(self.n, self.batch_size)
     self._orders: dict[int, np.ndarray] = {}
 

@@ -28,6 +28,8 @@ from biasdiff.training.state import TrainState
 
 GRID = "grid"
 ROLLING = "rolling"
+# Values of config.checkpoint.grid, see `epoch_grid`.
+GRID_KINDS = ("log", "linear", "none")
 RUN_INFO_FILE = "run.json"
 _ARRAY_ITEMS = ("params", "opt_state", "ema_params")
 REALISED_GRID_FILE = "checkpoints.json"
@@ -100,7 +102,8 @@ def epoch_grid(checkpoint_config, num_epochs: int) -> list[int]:
   if kind == "none":
     return [int(num_epochs)]
   raise ValueError(
-      f"Unknown checkpoint grid {kind!r}; expected 'log', 'linear' or 'none'.")
+      f"Invalid checkpoint.grid={kind!r}. Set checkpoint.grid to one of "
+      f"{GRID_KINDS}.")
 
 
 # ---------------------------------------------------------------------------
@@ -139,15 +142,13 @@ def _is_runtime(field: str) -> bool:
   return any(field == f or field.startswith(f + ".") for f in RUNTIME_FIELDS)
 
 
-def check_or_write_run_info(workdir: str, info: Mapping[str, Any],
-                            write: bool) -> None:
-  """Compare `info` with the workdir's run.json, or write it for a new run.
+def check_run_info(workdir: str, info: Mapping[str, Any]) -> None:
+  """Compare `info` with the workdir's run.json, if the workdir has one.
 
   Args:
     workdir: the run directory.
     info: JSON record with keys "config", "models", "fingerprint" and any
       derived values. Fields listed in RUNTIME_FIELDS are not compared.
-    write: whether this process writes files (process 0).
 
   Raises:
     ValueError: if the workdir was written by a different config, model list
@@ -155,8 +156,6 @@ def check_or_write_run_info(workdir: str, info: Mapping[str, Any],
   """
   path = os.path.join(workdir, RUN_INFO_FILE)
   if not os.path.exists(path):
-    if write:
-      write_json_atomic(path, info)
     return
   stored = _flatten(json.loads(json.dumps(read_json(path))))
   current = _flatten(json.loads(json.dumps(info)))
@@ -174,6 +173,13 @@ def check_or_write_run_info(workdir: str, info: Mapping[str, Any],
     raise ValueError(
         f"The workdir {workdir!r} belongs to a different run: {shown}{more}. "
         "Use a new workdir, or restore the original config to resume.")
+
+
+def write_run_info(workdir: str, info: Mapping[str, Any]) -> None:
+  """Store `info` as the workdir's run.json unless the workdir has one."""
+  path = os.path.join(workdir, RUN_INFO_FILE)
+  if not os.path.exists(path):
+    write_json_atomic(path, info)
 
 
 def record_grid_checkpoint(workdir: str, epoch: int, step: int) -> None:

@@ -148,22 +148,75 @@ def fit(config, workdir: str, task: TrainingTask, *,
                      stopped_early=run.step < run.total_steps and run.stopped_early)
 
 
-def _check_train_config(train_config, num_models: int, data_axis: int) -> None:
+def require_field(valid: bool, field: str, value: Any, requirement: str) -> None:
+  """Raise a ValueError naming config `field` and its `value` unless `valid`."""
+  if not valid:
+    raise ValueError(f"Invalid {field}={value!r}. Set {field} to {requirement}.")
+
+
+def check_config(config) -> None:
+  """Check the train, checkpoint and parallel sections against their ranges.
+
+  The ranges are those documented in configs/__init__.py. `fit` calls this
+  before it writes to the workdir; a task builder may call it earlier, before
+  it builds or stores data.
+
+  Raises:
+    ValueError: naming the first field out of range, its value and the range.
+  """
+  train_config = config.train
+  require_field(train_config.batch_size >= 1, "train.batch_size",
+                train_config.batch_size, "a value >= 1")
+  require_field(train_config.num_epochs >= 1, "train.num_epochs",
+                train_config.num_epochs, "a value >= 1")
+  lr_schedules.check_schedule_config(train_config)
+  for name in ("adam_b1", "adam_b2"):
+    value = train_config[name]
+    require_field(0.0 <= value < 1.0, f"train.{name}", value, "a value in [0, 1)")
+  require_field(train_config.adam_eps > 0.0, "train.adam_eps", train_config.adam_eps,
+                "a value > 0")
+  require_field(0.0 <= train_config.ema_decay < 1.0, "train.ema_decay",
+                train_config.ema_decay, "a value in [0, 1), or 0 to disable the EMA")
+  require_field(train_config.steps_per_dispatch >= 1, "train.steps_per_dispatch",
+                train_config.steps_per_dispatch, "a value >= 1")
+  require_field(train_config.log_every_steps >= 1, "train.log_every_steps",
+                train_config.log_every_steps, "a value >= 1")
+
+  checkpoint_config = config.checkpoint
+  num_epochs = int(train_config.num_epochs)
+  require_field(checkpoint_config.grid in checkpoints.GRID_KINDS, "checkpoint.grid",
+                checkpoint_config.grid, f"one of {checkpoints.GRID_KINDS}")
+  if checkpoint_config.grid != "none":
+    # The linear grid ends at num_epochs - 1 and then adds num_epochs.
+    last = num_epochs if checkpoint_config.grid == "log" else num_epochs - 1
+    require_field(1 <= checkpoint_config.grid_min_epoch <= last,
+                  "checkpoint.grid_min_epoch", checkpoint_config.grid_min_epoch,
+                  f"a value in [1, {last}] for train.num_epochs={num_epochs}")
+  require_field(checkpoint_config.grid_size >= 2, "checkpoint.grid_size",
+                checkpoint_config.grid_size, "a value >= 2")
+  require_field(checkpoint_config.rolling_every_steps >= 0,
+                "checkpoint.rolling_every_steps",
+                checkpoint_config.rolling_every_steps, "a value >= 0 (0 disables)")
+  require_field(checkpoint_config.rolling_every_minutes >= 0.0,
+                "checkpoint.rolling_every_minutes",
+                checkpoint_config.rolling_every_minutes, "a value >= 0 (0 disables)")
+  require_field(checkpoint_config.rolling_to_keep >= 1, "checkpoint.rolling_to_keep",
+                checkpoint_config.rolling_to_keep, "a value >= 1")
+
+  require_field(config.parallel.model_axis_size >= 0, "parallel.model_axis_size",
+                config.parallel.model_axis_size,
+                "a value >= 0 (0 picks gcd(models, devices))")
+
+
+def _check_mesh_fit(train_config, num_models: int, data_axis: int) -> None:
+  """Check the settings that depend on the task and the mesh."""
+  if num_models < 1:
+    raise ValueError("The task has no models.")
   if train_config.batch_size % data_axis:
     raise ValueError(
         f"train.batch_size={train_config.batch_size} must be divisible by the "
         f"data axis of the mesh ({data_axis} devices); change the batch size "
         "or set parallel.model_axis_size.")
-  if train_config.steps_per_dispatch < 1:
-    raise ValueError(
-        f"train.steps_per_dispatch={train_config.steps_per_dispatch} must be "
-        ">= 1.")
-  if not 0.0 <= train_config.ema_decay < 1.0:
-    raise ValueError(
-        f"train.ema_decay={train_config.ema_decay} must lie in [0, 1); 0 "
-        "disables the EMA.")
-  if num_models < 1:
-    raise ValueError("The task has no models.")
 
 
 def run_info(config, task: TrainingTask, steps_per_epoch: int,
@@ -187,7 +240,7 @@ class _MetricsLog:
                steps_per_epoch: int):
     self.path = path
     self.write = write
-    self.log_every = max(int(log_every), 1)
+    self.log_every = int(log_every)
     self.models = models
     self.steps_per_epoch = steps_per_epoch
     if write:
@@ -291,13 +344,28 @@ class _Run:
     self.models = list(task.models)
     self.main = parallel.is_main_process()
     self.store = None
+    self._build(stop_at_step, compiler_options)
+    # Nothing is written before this point, so a config error leaves the
+    # workdir as it was.
+    self._open_workdir()
+    self.seeds = parallel.put_global(
+        np.array([m.seed for m in self.models], np.int32),
+        parallel.model_sharding(self.mesh))
+    self._log_start()
+
+  def _build(self, stop_at_step: Optional[int],
+             compiler_options: Optional[Mapping[str, Any]]) -> None:
+    """Check the config and build the data source, mesh, schedule and program."""
+    config = self.config
     train_config = config.train
-    self.source = BatchSource(task.train_data, [m.seed for m in self.models],
+    check_config(config)
+    self.source = BatchSource(self.task.train_data,
+                              [m.seed for m in self.models],
                               train_config.batch_size)
     self.mesh = parallel.make_mesh(len(self.models),
                                    config.parallel.model_axis_size)
-    _check_train_config(train_config, len(self.models),
-                        self.mesh.shape[parallel.DATA_AXIS])
+    _check_mesh_fit(train_config, len(self.models),
+                    self.mesh.shape[parallel.DATA_AXIS])
     steps_per_epoch = self.source.steps_per_epoch
     self.total_steps = int(train_config.num_epochs) * steps_per_epoch
     self.end_step = self.total_steps
@@ -306,16 +374,14 @@ class _Run:
     self.grid_epochs = checkpoints.epoch_grid(config.checkpoint,
                                               int(train_config.num_epochs))
     self.grid_steps = {e * steps_per_epoch: e for e in self.grid_epochs}
+    self.lr_fn = lr_schedules.make_learning_rate_fn(train_config,
+                                                    steps_per_epoch)
 
-    if self.main:
-      os.makedirs(workdir, exist_ok=True)
-    checkpoints.check_or_write_run_info(
-        workdir, run_info(config, task, steps_per_epoch, self.grid_epochs),
-        write=self.main)
-
-    x_example, t_example = (np.asarray(a) for a in task.example_input)
+    # Tracing the model here raises its own config errors (a dropout rate
+    # out of range, say) before the workdir is touched.
+    x_example, t_example = (np.asarray(a) for a in self.task.example_input)
     self.program = _program(
-        task.model, task.objective,
+        self.task.model, self.task.objective,
         (float(train_config.adam_b1), float(train_config.adam_b2),
          float(train_config.adam_eps)),
         float(train_config.ema_decay),
@@ -323,13 +389,29 @@ class _Run:
          (t_example.shape, t_example.dtype.str)),
         len(self.models), self.mesh,
         tuple(sorted(dict(compiler_options or {}).items())))
+    self.run_info = run_info(config, self.task, steps_per_epoch,
+                             self.grid_epochs)
+
+  def _open_workdir(self) -> None:
+    """Check run.json, then restore or create the state and open the logs.
+
+    run.json is written with the first checkpoint (see `_save`), so a start
+    that fails before it (out of memory, say) does not claim the workdir.
+    """
+    workdir = self.workdir
+    if self.main:
+      os.makedirs(workdir, exist_ok=True)
+    checkpoints.check_run_info(workdir, self.run_info)
+    self.run_recorded = os.path.exists(
+        os.path.join(workdir, checkpoints.RUN_INFO_FILE))
     self.store = checkpoints.CheckpointStore(
-        workdir, rolling_to_keep=config.checkpoint.rolling_to_keep,
-        async_save=config.checkpoint.async_save)
+        workdir, rolling_to_keep=self.config.checkpoint.rolling_to_keep,
+        async_save=self.config.checkpoint.async_save)
     self._restore_or_init()
     self.metrics = _MetricsLog(
         os.path.join(workdir, METRICS_FILE), self.main, self.step,
-        train_config.log_every_steps, self.models, steps_per_epoch)
+        self.config.train.log_every_steps, self.models,
+        self.source.steps_per_epoch)
     if self.main:
       _truncate_jsonl(os.path.join(workdir, EVAL_METRICS_FILE),
                       lambda record: record["step"] <= self.step)
@@ -344,12 +426,6 @@ class _Run:
                   "further. Remove that line of %s to continue.", self.step,
                   EVAL_METRICS_FILE)
       self.end_step = min(self.end_step, self.step)
-    self.lr_fn = lr_schedules.make_learning_rate_fn(train_config,
-                                                    steps_per_epoch)
-    self.seeds = parallel.put_global(
-        np.array([m.seed for m in self.models], np.int32),
-        parallel.model_sharding(self.mesh))
-    self._log_start()
 
   def _restore_or_init(self) -> None:
     latest = self.store.latest(self.source.steps_per_epoch)
@@ -475,6 +551,9 @@ class _Run:
         "models": [m.to_json() for m in self.models],
         "fingerprint": json.loads(json.dumps(dict(self.task.fingerprint))),
     }
+    if self.main and not self.run_recorded:
+      checkpoints.write_run_info(self.workdir, self.run_info)
+    self.run_recorded = True
     self.store.save(kind, key, self.state, meta)
     if kind == checkpoints.GRID and self.main:
       checkpoints.record_grid_checkpoint(self.workdir, key, self.step)

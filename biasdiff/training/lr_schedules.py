@@ -67,6 +67,42 @@ def warmup_cosine_factor(step: np.ndarray, warmup_steps: int, decay_steps: int,
   return np.where(s < warmup_steps, warm, cosine)
 
 
+def check_schedule_config(train_config) -> None:
+  """Raise ValueError naming the first schedule field of `train_config` out of range.
+
+  Checks train.learning_rate, train.lr_schedule and, for warmup_cosine,
+  train.warmup_steps, train.decay_steps and train.lr_final_fraction.
+  """
+  base = train_config.learning_rate
+  if not (math.isfinite(base) and base > 0):
+    raise ValueError(
+        f"Invalid train.learning_rate={base!r}. Set train.learning_rate to a "
+        "finite value > 0.")
+  name = train_config.lr_schedule
+  if name not in SCHEDULES:
+    raise ValueError(
+        f"Invalid train.lr_schedule={name!r}. Set train.lr_schedule to one of "
+        f"{SCHEDULES}.")
+  if name != WARMUP_COSINE:
+    return
+  warmup = train_config.warmup_steps
+  decay = train_config.decay_steps
+  final = train_config.lr_final_fraction
+  if warmup < 0:
+    raise ValueError(
+        f"Invalid train.warmup_steps={warmup!r}. Set train.warmup_steps to a "
+        "value >= 0.")
+  if decay <= warmup:
+    raise ValueError(
+        f"Invalid train.decay_steps={decay!r} with train.warmup_steps={warmup!r}. "
+        "Set train.decay_steps above train.warmup_steps, because it counts the "
+        "warm-up steps too.")
+  if not 0.0 <= final <= 1.0:
+    raise ValueError(
+        f"Invalid train.lr_final_fraction={final!r}. Set "
+        "train.lr_final_fraction to a value in [0, 1].")
+
+
 def make_learning_rate_fn(train_config,
                           steps_per_epoch: int) -> Callable[[np.ndarray], np.ndarray]:
   """Return a map from 0-based optimizer steps to float32 learning rates.
@@ -76,7 +112,11 @@ def make_learning_rate_fn(train_config,
       `learning_rate`, `lr_schedule`, `num_epochs`, `warmup_steps`,
       `decay_steps` and `lr_final_fraction`.
     steps_per_epoch: optimizer steps per epoch.
+
+  Raises:
+    ValueError: if a schedule field is out of range (see `check_schedule_config`).
   """
+  check_schedule_config(train_config)
   name = train_config.lr_schedule
   base = float(train_config.learning_rate)
   if name == PAPER_EPOCH:
@@ -88,11 +128,8 @@ def make_learning_rate_fn(train_config,
     decay = int(train_config.decay_steps)
     final = float(train_config.lr_final_fraction)
     factor = lambda steps: warmup_cosine_factor(steps, warmup, decay, final)
-  elif name == CONSTANT:
+  else:  # CONSTANT, the only name that check_schedule_config leaves
     factor = lambda steps: np.ones(np.shape(steps))
-  else:
-    raise ValueError(
-        f"Unknown lr_schedule {name!r}; expected one of {SCHEDULES}.")
 
   def learning_rate(steps: np.ndarray) -> np.ndarray:
     steps = np.asarray(steps, dtype=np.int64)

@@ -7,6 +7,7 @@ record. The image pipeline builds its own `TrainingTask` and calls
 """
 
 import logging
+import math
 import os
 
 import jax
@@ -18,13 +19,63 @@ from biasdiff import diffusion
 from biasdiff import hierarchical
 from biasdiff import parallel
 from biasdiff.models import Transformer
+from biasdiff.training import loop
 from biasdiff.training import objectives
 from biasdiff.training import state as state_lib
 from biasdiff.training.loop import TrainingTask
+from biasdiff.training.loop import require_field
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def check_config(config) -> None:
+  """Check a configs/hierarchical.py config against its documented ranges.
+
+  Covers the sections that `loop.check_config` checks plus seed, data,
+  diffusion, model and zoo, so a bad value fails before the corpus is built.
+
+  Raises:
+    ValueError: naming the first field out of range, its value and the range.
+  """
+  loop.check_config(config)
+  models = zoo(config)  # checks seed and data.n
+
+  data = config.data
+  require_field(data.num_symbols >= 2, "data.num_symbols", data.num_symbols,
+                "a value >= 2")
+  require_field(1 <= data.num_allowed <= data.num_symbols, "data.num_allowed",
+                data.num_allowed, f"a value in [1, data.num_symbols={data.num_symbols}]")
+  require_field(math.isfinite(data.sigma) and data.sigma >= 0, "data.sigma",
+                data.sigma, "a finite value >= 0")
+  require_field(data.depth >= 1, "data.depth", data.depth, "a value >= 1")
+  require_field(config.train.batch_size <= data.n, "train.batch_size",
+                config.train.batch_size,
+                f"a value <= data.n={data.n}, because every step is padded to "
+                "train.batch_size rows")
+  require_field(data.heldout_size >= 1, "data.heldout_size", data.heldout_size,
+                "a value >= 1")
+  pool_rows = (max(m.block for m in models) + 1) * data.n
+  require_field(data.train_pool_size >= pool_rows, "data.train_pool_size",
+                data.train_pool_size,
+                f"a value >= (max block + 1) * data.n = {pool_rows}, or train fewer "
+                "blocks or a smaller data.n")
+
+  require_field(config.diffusion.num_steps >= 1, "diffusion.num_steps",
+                config.diffusion.num_steps, "a value >= 1")
+
+  model = config.model
+  require_field(model.num_heads >= 1 and model.d_model % model.num_heads == 0,
+                "model.num_heads", model.num_heads,
+                f"a divisor of model.d_model={model.d_model}")
+  require_field(model.num_layers >= 1, "model.num_layers", model.num_layers,
+                "a value >= 1")
+  require_field(model.ffn_dim >= 1, "model.ffn_dim", model.ffn_dim, "a value >= 1")
+  require_field(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout,
+                "a value in [0, 1)")
+  require_field(model.dtype in _DTYPES, "model.dtype", model.dtype,
+                f"one of {sorted(_DTYPES)}")
 
 
 def corpus_directory(config, workdir: str) -> str:
@@ -61,6 +112,10 @@ def load_corpus(config, workdir: str) -> hierarchical.Corpus:
 
 def zoo(config) -> list[state_lib.ModelSpec]:
   """Return the model list of config.zoo at n = config.data.n."""
+  # derive_train_seed checks these too, but under its own argument names.
+  require_field(isinstance(config.seed, int) and config.seed >= 0, "seed",
+                config.seed, "an int >= 0")
+  require_field(config.data.n >= 1, "data.n", config.data.n, "a value >= 1")
   return state_lib.zoo_models(
       n=config.data.n,
       blocks=config.zoo.blocks,
@@ -95,6 +150,7 @@ def hierarchical_task(config, workdir: str) -> TrainingTask:
     raise ValueError(
         f"config.experiment={config.experiment!r}; hierarchical_task needs a "
         "config from configs/hierarchical.py.")
+  check_config(config)
   corpus = load_corpus(config, workdir)
   models = zoo(config)
   n = config.data.n
