@@ -154,7 +154,11 @@ def _bp_log_prob_fn(grammar, schedule, levels, epsilon):
 
   def log_marginals(x_t, t, k):
     probabilities = bp.exact_denoiser(grammar, x_t, schedule.alpha_bar(t), k, epsilon)
-    return jnp.log(probabilities)
+    # At small t a marginal of order exp(-gamma) underflows to 0 in one BP variant
+    # and not in another, which would make a KL between them infinite. Flooring at
+    # the smallest normal float changes such a KL term by at most ~90 * p, with p
+    # itself below 1e-30 there.
+    return jnp.log(jnp.maximum(probabilities, jnp.finfo(probabilities.dtype).tiny))
 
   if isinstance(levels, int):
     return lambda x_t, t: log_marginals(x_t, t, levels)
