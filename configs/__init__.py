@@ -63,7 +63,7 @@ def monitor_section() -> ml_collections.ConfigDict:
   monitor.split_repeats = 1  # noisings per example at t*; >= 1
   monitor.loss_examples = 512  # held-out and own-block examples of the train/held-out loss gap, one random t each; >= 2
   monitor.mia_examples = 256  # training examples per block scored by the membership attack; >= 2
-  monitor.mia_repeats = 4  # noisings per example averaged into its membership score; >= 1
+  monitor.mia_repeats = 2  # noisings per example averaged into its membership score; >= 1
   monitor.mia_fpr = 0.01  # false-positive rate at which the attack's TPR is reported; in [0, 1)
   monitor.image_divergence = "cosine"  # images: "cosine" (1 - cosine of predicted noises) or "mse"
   monitor.batch_size = 256  # probe examples per model and device call; >= 1
