@@ -497,4 +497,7 @@ def report(summary: dict) -> str:
       "Each ordering counts only when the two minima fall on different checkpoints; the "
       "grid resolves a minimum to +-1 checkpoint. Error bars: " + summary["error_bars"] + ".",
   ]
+  method = summary["sample_split_kl"].get("se_method")
+  if method:
+    lines.append(f"The sample-split KL's error bar here is the {method}.")
   return "\n".join(lines) + "\n"
