@@ -294,7 +294,9 @@ def _check_finite(x, name: str) -> None:
   if isinstance(x, jax.Array):
     finite = bool(_jit_all_finite(x))
   else:
-    finite = bool(np.isfinite(x).all())
+    # The search runs in float32, so a float64 value beyond its range is not finite there.
+    with np.errstate(over="ignore"):
+      finite = bool(np.isfinite(np.asarray(x).astype(np.float32)).all())
   if not finite:
     raise ValueError(
         f"{name} contain NaN or infinite values; clean the inputs, or pass "
