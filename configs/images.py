@@ -14,7 +14,7 @@ and override single fields with, for example,
 Rerunning the same command reuses every finished stage.
 
 Variants:
-  smoke  digits, a 12k-parameter U-Net, 3 models and 8 steps; exercises
+  smoke  digits, a 44k-parameter U-Net, 3 models and 8 steps; exercises
          every code path (set data.source="proxy" for the synthetic CelebA
          stand-in) and proves nothing
   quick  scikit-learn's handwritten digits (8 x 8, offline) with six
