@@ -116,7 +116,14 @@ def make_multi_step(train_step: Callable) -> Callable:
       x0_k, valid_k, lr_k = inputs
       return train_step(state, seeds, x0_k, valid_k, lr_k)
 
-    return jax.lax.scan(body, state, (x0, valid, lr))
+    if x0.shape[0] == 1:
+      state, metrics = body(state, (x0[0], valid[0], lr[0]))
+      return state, jax.tree.map(lambda m: m[None], metrics)
+    # On CPU, XLA runs convolution gradients 13-40x slower inside a while loop
+    # than outside one (jax 0.10.2, measured on the digits U-Net), so the scan is
+    # unrolled there. Accelerators keep the rolled loop, which compiles faster.
+    unroll = x0.shape[0] if jax.default_backend() == "cpu" else 1
+    return jax.lax.scan(body, state, (x0, valid, lr), unroll=unroll)
 
   return multi_step
 
