@@ -1,4 +1,6 @@
-r"""Reproduce the paper's figures: train, measure, summarise and plot.
+r"""Reproduce the figures of Biased Generalization in Diffusion Models (ICML 2026).
+
+Train, measure, summarise and plot:
 
   python experiments/reproduce.py --config=configs/reproduce.py:quick --workdir=runs/quick
 

@@ -6,7 +6,7 @@ from scipy import stats
 
 from biasdiff import hierarchical as hier
 
-# The paper's grammar (q = 6, q_eff = 4, sigma = 1, seed 0): allowed pairs of each
+# The grammar of Garnier-Brun et al. (ICML 2026), q = 6, q_eff = 4, sigma = 1, seed 0: allowed pairs of each
 # parent in draw order with M[a, b, c], and the two forbidden pairs of its chunk.
 PAPER_TABLE = {
     0: ([((5, 1), 0.164232), ((3, 2), 0.131656), ((2, 4), 0.151183), ((5, 0), 0.552929)],
@@ -106,7 +106,8 @@ def test_grammar_rejects_wrong_shape():
 def test_sampler_sequences_are_valid():
   grammar = hier.paper_grammar()
   tokens = hier.sample_sequences(grammar, depth=4, num_sequences=20_000, seed=0)
-  assert tokens.shape == (20_000, 16) and tokens.dtype == np.uint8
+  assert tokens.shape == (20_000, 16)
+  assert tokens.dtype == np.uint8
   assert hier.is_valid(grammar, tokens).all()
 
 
@@ -166,7 +167,8 @@ def test_parse_log_prob_of_single_tree():
 
 def test_parse_rejects_forbidden_pair():
   valid, log_prob = hier.parse(hier.paper_grammar(), np.array([[0, 0, 4, 1]]))
-  assert not valid[0] and log_prob[0] == -np.inf
+  assert not valid[0]
+  assert log_prob[0] == -np.inf
 
 
 @pytest.mark.parametrize("tokens, error, message", [

@@ -85,7 +85,7 @@ def test_rerun_reuses_every_stage(smoke_run, monkeypatch):
 def test_workdir_of_another_profile_is_rejected(smoke_run):
   workdir, _, config = smoke_run
   stages.claim_workdir(workdir, config)
-  with pytest.raises(ValueError, match="holds a run of profile 'smoke', not 'quick'"):
+  with pytest.raises(ValueError, match="contains a run of profile 'smoke', not 'quick'"):
     stages.claim_workdir(workdir, reproduce_configs.get_config("quick"))
 
 

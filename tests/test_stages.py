@@ -57,4 +57,5 @@ def test_item_cache_stores_and_returns_arrays(tmp_path):
   first = cache.get_or_compute("epoch_10", compute)
   second = cache.get_or_compute("epoch_10", compute)
   np.testing.assert_array_equal(first["x"], second["x"])
-  assert int(second["n"]) == 3 and len(calls) == 1
+  assert int(second["n"]) == 3
+  assert len(calls) == 1

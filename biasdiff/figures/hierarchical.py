@@ -283,7 +283,12 @@ def plot_app11(summary: dict):
   x = np.asarray(random_uturn["times"]) / summary["num_steps_diffusion"]
   figure, axis = plt.subplots(figsize=(7.5, 4.5), layout="constrained")
   for name, curve in random_uturn["curves"].items():
-    style = "-" if name.startswith("network") else ("--" if name.startswith("bp") else ":")
+    if name.startswith("network"):
+      style = "-"
+    elif name.startswith("bp"):
+      style = "--"
+    else:
+      style = ":"
     axis.errorbar(x, curve["mean"], yerr=curve["se"], ls=style, marker="o", label=name)
   axis.set_xlabel("t / T")
   axis.set_ylabel("overlap with the random start sequence")

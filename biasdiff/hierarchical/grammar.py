@@ -107,7 +107,7 @@ class Grammar:
     return channel
 
   def path_channels(self, depth: int) -> np.ndarray:
-    """The channels of all 2**depth nodes at `depth`, float64 [2**depth, q, q]."""
+    """Return the channels of all 2**depth nodes at `depth`, float64 [2**depth, q, q]."""
     return np.stack([self.path_channel(depth, j) for j in range(2**depth)])
 
   def leaf_marginals(self, depth: int) -> np.ndarray:

@@ -165,10 +165,10 @@ def _per_model(curve: np.ndarray) -> dict:
 def _pair_curve(curve: np.ndarray, input_se: np.ndarray, pair_blocks: np.ndarray) -> dict:
   """Mean over pairs with a leave-one-block-out jackknife SE, per checkpoint.
 
-  With fewer than three blocks no block can be left out without removing every
-  pair, so the jackknife SE is undefined; "se_inputs", the SE over inputs of
-  the pair-averaged KL (pairs treated as independent), is reported beside it
-  and used for the error band then.
+  With fewer than three blocks, leaving out any block removes every pair, so the
+  jackknife SE is undefined. "se_inputs" is the SE over inputs of the
+  pair-averaged KL, with pairs treated as independent. It is reported beside the
+  jackknife SE and used for the error band when the jackknife SE is undefined.
   """
   if curve.shape[1] == 0:
     return {"mean": [], "se": [], "se_inputs": [], "count": 0, "per_pair": []}
@@ -323,12 +323,12 @@ def _uturn(stage, summary, grammar, schedule, corpus, config, models, network, w
 
 
 def _uturn_models(models) -> list:
-  """Indices of (block 0, replicate 0), (block 0, replicate 1) and (block 1, replicate 0)."""
-  wanted = [(0, 0), (0, 1), (1, 0)]
-  found = [i for w in wanted for i, m in enumerate(models) if (m.block, m.replicate) == w]
+  """Return the indices of models (0, 0), (0, 1) and (1, 0) as (block, replicate)."""
+  requested = [(0, 0), (0, 1), (1, 0)]
+  found = [i for w in requested for i, m in enumerate(models) if (m.block, m.replicate) == w]
   if not found:
     raise ValueError("the zoo has none of the U-turn models (block, replicate) in "
-                     f"{wanted}; add block 0 to the zoo")
+                     f"{requested}; add block 0 to the zoo")
   return found
 
 

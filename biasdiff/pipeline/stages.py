@@ -162,7 +162,7 @@ def claim_workdir(workdir: str, config: Any, is_writer: bool = True) -> None:
   owner = load_json(path)
   if owner is not None and owner["profile"] != profile:
     raise ValueError(
-        f"{workdir!r} holds a run of profile {owner['profile']!r}, not {profile!r}; use "
+        f"{workdir!r} contains a run of profile {owner['profile']!r}, not {profile!r}; use "
         f"another --workdir (for example runs/{profile}) or delete this one")
   if owner is None and is_writer:
     os.makedirs(workdir, exist_ok=True)
