@@ -30,6 +30,20 @@ Variants:
 The CelebA variants read the aligned JPEGs from data.path
 (source "celeba_folder"); set data.source="celeba_tfds" and data.data_dir to
 read a tensorflow-datasets copy instead.
+
+In every variant the bias monitor (configs.monitor_section(): the
+sample-split divergence, the train/held-out loss gap and a membership attack)
+measures every grid checkpoint while training, in the smoke variant with tiny
+probe sets. The records go to eval_metrics.jsonl of each training group
+(<workdir>/stages/train/<key>/group_<g>), and the last group's records cover
+the whole zoo. Audit a run with
+
+  python experiments/audit.py --workdir=runs/images_quick/stages/train/<key>/group_5
+
+Monitor settings do not change the trained parameters, so they are not part
+of the training stage's key, unless monitor.stop_training lets the monitor
+end training. A run trained before its monitor settings changed keeps its
+records; pass --recompute to experiments/audit.py to measure again.
 """
 
 import os
@@ -135,6 +149,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
   config.checkpoint = configs.checkpoint_section()
   config.parallel = configs.parallel_section()
   config.eval = _eval()
+  config.monitor = configs.monitor_section()
   _paper(config)
   if variant == "smoke":
     _smoke(config)
@@ -160,6 +175,9 @@ def _paper(config) -> None:
   config.checkpoint.grid_size = 50
   config.checkpoint.rolling_every_minutes = 30.0
   config.checkpoint.async_save = True
+  # The defaults of monitor_section() suit CelebA (T = 1000, n = 1024): t* = 150,
+  # the membership attack at t = 50, and probe sets no larger than a block.
+  config.monitor.enabled = True
 
 
 def _smoke(config) -> None:
@@ -204,6 +222,13 @@ def _smoke(config) -> None:
   config.eval.panel_rows = 2
   config.eval.batch_size = 64
   config.eval.loss_times_per_call = 4
+
+  config.monitor.split_heldout_examples = 32
+  config.monitor.split_train_examples = 8
+  config.monitor.loss_examples = 16
+  config.monitor.mia_examples = 16
+  config.monitor.mia_repeats = 1
+  config.monitor.batch_size = 64
 
   config.diffusion.last_noisy_t = 1
 
@@ -250,6 +275,17 @@ def _quick(config) -> None:
   config.eval.num_bootstrap = 1000
   config.eval.batch_size = 256
   config.eval.model_loop = "map"
+
+  # The models train one by one (zoo.models_per_fit = 1), and the monitor of
+  # the k-th fit measures the k models trained so far. With these sizes the
+  # monitor's 20 checkpoints add about a fifth of training's network
+  # evaluations (an estimate that counts one pass per probe and three per
+  # training example).
+  config.monitor.split_heldout_examples = 256
+  config.monitor.split_train_examples = 64
+  config.monitor.loss_examples = 128  # every image of a block
+  config.monitor.mia_examples = 128
+  config.monitor.batch_size = 128
 
   config.diffusion.last_noisy_t = 1  # a respaced step is large, so only the last one stays noise-free
 

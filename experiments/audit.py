@@ -3,13 +3,17 @@ r"""Audit a finished training run: bias statistics and stopping rules, checkpoin
   python experiments/audit.py --workdir=runs/hierarchical_quick
   python experiments/audit.py --workdir=runs/quick/hierarchical/train/<key> \
       --override=patience=5 --override=mia_auc_threshold=0.55
+  python experiments/audit.py --workdir=runs/images_quick/stages/train/<key>/group_5
 
 The workdir is a training run directory with grid checkpoints (run.json,
-checkpoints.json, grid/<epoch>). When its eval_metrics.jsonl contains a monitor
-record for every grid checkpoint, those records are read; otherwise (or with
---recompute) the statistics are measured again from the checkpoints. The
-monitor settings are the run's `monitor` config section (the defaults of
-configs.monitor_section() for runs without one), changed by --override.
+checkpoints.json, grid/<epoch>). An image run trains its zoo in groups, one
+directory each; the audit of group g measures the models of groups 0 ... g,
+so the last group's audit covers the whole zoo. When the eval_metrics.jsonl
+of the workdir contains a monitor record for every grid checkpoint, those
+records are read; otherwise (or with --recompute) the statistics are measured
+again from the checkpoints. The monitor settings are the run's `monitor`
+config section (the defaults of configs.monitor_section() for runs without
+one), changed by --override.
 
 Writes to --output_dir (default <workdir>/audit): audit.json (every record and
 every rule's decision), audit_table.txt (the printed table) and audit.png /
@@ -40,6 +44,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from biasdiff import io  # pylint: disable=g-import-not-at-top
 from biasdiff import monitor  # pylint: disable=g-import-not-at-top
+# Imported for its side effect: it registers the monitor builder of image runs.
+from biasdiff.pipeline import images as _images_pipeline  # pylint: disable=g-import-not-at-top,unused-import
 from biasdiff.training import checkpoints  # pylint: disable=g-import-not-at-top
 
 logger = logging.getLogger(__name__)
@@ -94,7 +100,7 @@ def measure_checkpoints(config, workdir: str, settings, epochs: Sequence[int]) -
   watcher = monitor.build_monitor(config, workdir, settings, read_records=False)
   history = []
   for i, epoch in enumerate(epochs):
-    params, meta = checkpoints.load_grid_checkpoint(workdir, epoch, use_ema=watcher.use_ema)
+    params, meta = watcher.load_checkpoint(workdir, epoch)
     record = watcher.measure(params)
     record["parameters"] = meta["parameters"]
     history.append({"epoch": int(epoch), "step": int(meta["step"]), **record})

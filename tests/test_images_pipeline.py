@@ -13,9 +13,12 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
 from configs import images as images_config  # pylint: disable=g-import-not-at-top
+from biasdiff import monitor
 from biasdiff.pipeline import images as pipeline
 from biasdiff.pipeline import images_eval
+from biasdiff.pipeline import images_monitor
 from biasdiff.training import loop
+from helpers import audit_script
 
 # Fast XLA compiles on CPU; the smoke run trains for only 8 steps.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -36,6 +39,19 @@ def _smoke_config(**eval_overrides):
     setattr(config.eval, name, value)
   config.lock()
   return config
+
+
+def _group_directories(workdir):
+  train_root = os.path.join(workdir, pipeline.STAGES_DIRECTORY, "train")
+  (key,) = os.listdir(train_root)
+  return sorted(os.path.join(train_root, key, name)
+                for name in os.listdir(os.path.join(train_root, key))
+                if name.startswith("group_"))
+
+
+def _monitor_records(directory):
+  with open(os.path.join(directory, loop.EVAL_METRICS_FILE)) as f:
+    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +206,91 @@ def test_changed_evaluation_setting_keeps_training(smoke_run, tmp_path, monkeypa
   assert summary["counts"]["num_bootstrap"] == 10
 
 
+def test_smoke_monitor_records_every_checkpoint(smoke_run):
+  workdir, _ = smoke_run
+  (group,) = _group_directories(workdir)
+  records = _monitor_records(group)
+  assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+  for record in records:
+    measured = record[monitor.callback.MONITOR_KEY]
+    assert measured["parameters"] == "ema"
+    assert measured["per_pair"]["pairs"] == [[0, 1], [0, 2], [1, 2]]
+    for name in ("divergence", "divergence_train", "test_loss", "loss_gap"):
+      assert math.isfinite(measured[name]), name
+    assert 0.0 <= measured["mia_auc"] <= 1.0
+    assert record[loop.STOP_TRAINING_KEY] is False
+
+
+def test_image_audit_writes_table_and_figure(smoke_run, tmp_path, capsys):
+  workdir, _ = smoke_run
+  (group,) = _group_directories(workdir)
+  result = audit_script.load().audit(group, str(tmp_path))
+  assert result["source"] == "eval_metrics.jsonl"
+  assert result["epochs"] == [1, 2, 3, 4]
+  for name in ("audit.json", "audit_table.txt", "audit.png", "audit.pdf"):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  table = (tmp_path / "audit_table.txt").read_text()
+  assert table == capsys.readouterr().out
+  assert set(result["decisions"]) == {"divergence_minimum", "test_loss_minimum",
+                                      "mia_auc_threshold"}
+
+
+def test_grouped_models_monitored_together(tmp_path):
+  config = _smoke_config()
+  with config.unlocked():
+    config.zoo.blocks = (0, 1)
+    config.zoo.models_per_fit = 1
+  workdir = str(tmp_path / "run")
+  root = os.path.join(workdir, pipeline.STAGES_DIRECTORY)
+  data_result, data, splits = pipeline.data_stage(config, root, workdir)
+  pipeline.train_stage(config, root, data_result, data, splits, COMPILER_OPTIONS)
+  first, second = _group_directories(workdir)
+
+  # The first group has one model: only the loss statistics.
+  for record in _monitor_records(first):
+    assert record[monitor.callback.MONITOR_KEY]["per_model"]["block"] == [0]
+    assert "divergence" not in record[monitor.callback.MONITOR_KEY]
+  # The second group measures its model with the first group's checkpoints.
+  online = _monitor_records(second)
+  for record in online:
+    measured = record[monitor.callback.MONITOR_KEY]
+    assert measured["per_model"]["block"] == [0, 1]
+    assert measured["per_pair"]["pairs"] == [[0, 1]]
+    assert math.isfinite(measured["divergence"])
+  with open(os.path.join(second, images_monitor.INPUTS_FILE)) as f:
+    assert json.load(f)["earlier_groups"] == ["../group_0"]
+
+  # The audit rebuilds the same two-model monitor from the stored run.
+  recomputed = audit_script.load().audit(second, str(tmp_path / "audit"), recompute=True)
+  assert recomputed["source"] == "recomputed from the grid checkpoints"
+  for offline, record in zip(recomputed["records"], online):
+    measured = record[monitor.callback.MONITOR_KEY]
+    for name in ("test_loss", "train_loss", "divergence", "mia_auc", "mia_tpr"):
+      assert offline[name] == pytest.approx(measured[name], rel=1e-5, abs=1e-6), name
+
+
+def test_monitor_settings_keep_the_training_key():
+  data_result = {"sha256": "0" * 64, "block_size": 32}
+  reference = pipeline.train_spec(_smoke_config(), data_result)
+  config = _smoke_config()
+  with config.unlocked():
+    config.monitor.patience = 7
+    config.monitor.mia_examples = 8
+  assert pipeline.train_spec(config, data_result) == reference
+  with config.unlocked():
+    config.monitor.stop_training = True
+  assert pipeline.train_spec(config, data_result) != reference
+
+
+def test_stopping_monitor_needs_one_fit():
+  config = _smoke_config()
+  with config.unlocked():
+    config.monitor.stop_training = True
+    config.zoo.models_per_fit = 1
+  with pytest.raises(ValueError, match="monitor.stop_training=True needs every model in one fit"):
+    pipeline.check_config(config)
+
+
 def test_unknown_variant_is_rejected():
   with pytest.raises(ValueError, match=r"Unknown variant 'huge'.*smoke.*quick.*pair.*paper"):
     images_config.get_config("huge")
@@ -230,6 +331,9 @@ def test_paper_variant_has_paper_settings():
     ("zoo.blocks", (0,), "at least two distinct blocks"),
     ("zoo.blocks", (0, 5), r"must lie in \[0, data.num_blocks=3\)"),
     ("data.source", "mnist", "data.source='mnist'"),
+    ("monitor.image_divergence", "l1", "monitor.image_divergence='l1'"),
+    ("monitor.split_time_fraction", 1.0, "monitor.split_time_fraction=1.0 gives t=1000"),
+    ("monitor.mia_examples", 1, "monitor.mia_examples=1"),
 ])
 def test_bad_field_is_rejected(field, value, message):
   config = _smoke_config()

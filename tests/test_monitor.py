@@ -1,7 +1,5 @@
 """Tests of the bias monitor: membership statistics, stopping rules, trainer hook and audit."""
 
-import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -28,18 +26,8 @@ from biasdiff.monitor import statistics  # pylint: disable=g-import-not-at-top
 from biasdiff.training import loop  # pylint: disable=g-import-not-at-top
 from biasdiff.training import state as state_lib  # pylint: disable=g-import-not-at-top
 from biasdiff.training import tasks  # pylint: disable=g-import-not-at-top
+from helpers import audit_script  # pylint: disable=g-import-not-at-top
 from helpers import tiny_training as tiny  # pylint: disable=g-import-not-at-top
-
-AUDIT_PATH = os.path.join(REPOSITORY, "experiments", "audit.py")
-
-
-@functools.cache
-def _load_audit():
-  """Import experiments/audit.py once: its absl flags may be defined only once."""
-  spec = importlib.util.spec_from_file_location("audit_script", AUDIT_PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _pair_credit(member, nonmember):
@@ -413,6 +401,42 @@ def test_monitor_leaves_training_bit_identical(tmp_path):
         "divergence_minimum", "test_loss_minimum", "mia_auc_threshold"}
 
 
+def _tiny_image_monitor(task, images, **overrides):
+  heldout = np.random.default_rng(9).uniform(size=(20,) + images.shape[2:]).astype(np.float32)
+  blocks = {m.block: images[i] for i, m in enumerate(task.models)}
+  return monitor.image_monitor(task.model, tiny.image_objective().schedule, task.models, heldout,
+                               blocks, images.mean(axis=(1, 2, 3, 4)),
+                               _small_monitor_config(**overrides))
+
+
+def test_image_monitor_leaves_training_bit_identical(tmp_path):
+  images = np.random.default_rng(8).uniform(size=(2, 12, 4, 4, 1)).astype(np.float32)
+  task = tiny.image_task(images - images.mean(axis=(1, 2, 3, 4), keepdims=True))
+  plain = _fit(tmp_path / "plain", task)
+  watched = _fit(tmp_path / "watched", task, _tiny_image_monitor(task, images))
+  for name in ("params", "ema_params", "opt_state"):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 getattr(plain.state, name), getattr(watched.state, name))
+  records = _eval_records(tmp_path / "watched")
+  assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+  for record in records:
+    statistics_record = record[monitor.callback.MONITOR_KEY]
+    assert np.isfinite(statistics_record["divergence"])
+    assert 0.0 <= statistics_record["mia_auc"] <= 1.0
+
+
+def test_monitor_rejects_parameters_of_fewer_models():
+  images = np.random.default_rng(8).uniform(size=(2, 12, 4, 4, 1)).astype(np.float32)
+  task = tiny.image_task(images)
+  watcher = _tiny_image_monitor(task, images)
+  one_model = jax.vmap(lambda key: task.model.init(key, *task.example_input, train=False)["params"])(
+      jax.random.split(jax.random.key(0), 1))
+  with pytest.raises(ValueError, match="measures 2 models but got parameters of 1"):
+    watcher.with_earlier_models(one_model, epoch=1, use_ema=False)
+  watcher.earlier_parameters = lambda epoch, use_ema: one_model
+  both = watcher.with_earlier_models(one_model, epoch=1, use_ema=False)
+  assert jax.tree.leaves(both)[0].shape[0] == 2
+
 def test_callback_stop_ends_training_and_holds_on_restart(tmp_path):
   task = tiny.sequence_task()
 
@@ -518,7 +542,7 @@ def test_train_adds_monitor_when_enabled(tmp_path, monkeypatch):
 
 def test_audit_reads_monitor_records(monitored_run, tmp_path, capsys):
   workdir, _ = monitored_run
-  audit = _load_audit()
+  audit = audit_script.load()
   result = audit.audit(workdir, str(tmp_path))
   assert result["source"] == "eval_metrics.jsonl"
   assert result["epochs"] == [1, 3, 5, 6]
@@ -543,7 +567,7 @@ def test_audit_recomputes_run_without_monitor(monitored_run, tmp_path):
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
   os.remove(os.path.join(copy, loop.EVAL_METRICS_FILE))
-  audit = _load_audit()
+  audit = audit_script.load()
   recomputed = audit.audit(copy, str(tmp_path / "audit"))
   read = audit.audit(workdir, str(tmp_path / "read"))
   assert recomputed["source"] == "recomputed from the grid checkpoints"
@@ -558,7 +582,7 @@ def test_audit_recomputes_run_without_monitor(monitored_run, tmp_path):
 
 def test_audit_override_changes_rules(monitored_run, tmp_path):
   workdir, _ = monitored_run
-  audit = _load_audit()
+  audit = audit_script.load()
   result = audit.audit(workdir, str(tmp_path), overrides=["rules=('test_loss_minimum',)",
                                                           "patience=1"])
   assert list(result["decisions"]) == ["test_loss_minimum"]

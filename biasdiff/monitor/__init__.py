@@ -12,8 +12,9 @@ Modules:
   callback    the `Monitor` trainer hook and its builders for the tree data
               and for image models
 
-Enable it in a tree-data run with --config.monitor.enabled=True; audit a
-finished run with experiments/audit.py --workdir=RUN.
+Enable it in a tree-data run with --config.monitor.enabled=True. The image
+pipeline (biasdiff.pipeline.images) runs it by default. Audit a finished run
+with experiments/audit.py --workdir=RUN.
 """
 
 from biasdiff.monitor import callback, rules, statistics

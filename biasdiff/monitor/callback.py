@@ -18,9 +18,14 @@ the training randomness, so a run with it trains bit-identical weights.
 Builders: `hierarchical_monitor(config, workdir)` for the tree data;
 `image_monitor(network, schedule, models, heldout, blocks, centres, config)`
 for an eps-predicting image network, whose pipeline passes its own images and
-centring constants. More frequent measurements come from a denser checkpoint
-grid (checkpoint.grid = "linear" and a larger grid_size), which also keeps a
+centring constants (biasdiff.pipeline.images registers the builder of image
+runs). More frequent measurements come from a denser checkpoint grid
+(checkpoint.grid = "linear" and a larger grid_size), which also keeps a
 checkpoint at every point a rule can release.
+
+A zoo trained in several `fit` calls, one group of models after another, is
+measured whole: a monitor given `earlier_parameters` puts the earlier groups'
+grid checkpoints of the same epoch in front of the fit's own models.
 """
 
 import json
@@ -37,6 +42,7 @@ from biasdiff import diffusion
 from biasdiff.metrics import probes
 from biasdiff.monitor import rules as rules_lib
 from biasdiff.monitor import statistics
+from biasdiff.training import checkpoints
 from biasdiff.training import loop
 from biasdiff.training import state as state_lib
 
@@ -46,7 +52,8 @@ MONITOR_KEY = "monitor"
 RULES_KEY = "monitor_rules"
 
 
-def _check_config(monitor_config) -> None:
+def check_config(monitor_config) -> None:
+  """Raise ValueError naming the first field of the monitor section that is out of range."""
   for name in ("split_heldout_examples", "split_repeats", "mia_repeats", "batch_size"):
     probes.check_positive_int(monitor_config[name], f"monitor.{name}")
   for name in ("loss_examples", "mia_examples"):
@@ -79,16 +86,22 @@ class Monitor:
     workdir: a run directory whose eval_metrics.jsonl contains earlier records;
       they seed the history when a run resumes.
     use_ema: measure the parameter EMA when the state has one.
+    earlier_parameters: for a zoo trained in groups, a function (epoch,
+      use_ema) -> stacked parameters [K, ...] of models[:K], the models that
+      earlier `fit` calls trained, at that grid epoch. The fit's own models are
+      models[K:]. None when the fit trains every model.
   """
 
   def __init__(self, adapter, models: Sequence[state_lib.ModelSpec], heldout: Any,
                blocks: Mapping[int, Any], monitor_config, *, workdir: Optional[str] = None,
-               use_ema: bool = True):
-    _check_config(monitor_config)
+               use_ema: bool = True,
+               earlier_parameters: Optional[Callable[[int, bool], Any]] = None):
+    check_config(monitor_config)
     self.adapter = adapter
     self.models = list(models)
     self.config = monitor_config
     self.use_ema = bool(use_ema)
+    self.earlier_parameters = earlier_parameters
     self.layout = statistics.make_layout([m.block for m in self.models])
     if len(self.layout.pairs) == 0:
       logger.warning("The monitor's %d models share one block: no sample-split divergence and no "
@@ -211,12 +224,31 @@ class Monitor:
     self.history.append({"epoch": int(epoch), "step": int(step), **record})
     return rules_lib.evaluate_rules(self.specs, self.history)
 
+  def with_earlier_models(self, params: Any, epoch: int, use_ema: bool) -> Any:
+    """Put the earlier groups' models in front of the stacked `params` and check the count."""
+    if self.earlier_parameters is not None:
+      earlier = self.earlier_parameters(epoch, use_ema)
+      params = jax.tree.map(lambda a, b: jax.numpy.concatenate([a, b], axis=0), earlier, params)
+    count = jax.tree.leaves(params)[0].shape[0]
+    if count != len(self.models):
+      raise ValueError(f"The monitor measures {len(self.models)} models but got parameters of "
+                       f"{count}; pass earlier_parameters for models trained in earlier fits.")
+    return params
+
+  def load_checkpoint(self, workdir: str, epoch: int) -> tuple[Any, dict]:
+    """Load grid checkpoint `epoch` of run `workdir` with the earlier groups' models in front.
+
+    Returns (params, meta) as `checkpoints.load_grid_checkpoint` does.
+    """
+    params, meta = checkpoints.load_grid_checkpoint(workdir, epoch, use_ema=self.use_ema)
+    return self.with_earlier_models(params, epoch, self.use_ema), meta
+
   def __call__(self, point: loop.GridPoint) -> dict:
     """The eval callback of `biasdiff.training.fit`."""
     state = point.state
     use_ema = self.use_ema and state.ema_params is not None
     params = state.ema_params if use_ema else state.params
-    record = self.measure(params)
+    record = self.measure(self.with_earlier_models(params, point.epoch, use_ema))
     record["parameters"] = "ema" if use_ema else "raw"
     decisions = self.observe(point.epoch, point.step, record)
     stop = False
@@ -326,17 +358,19 @@ def hierarchical_monitor(config, workdir: str, monitor_config=None, *,
 
 def image_monitor(network, schedule: diffusion.Schedule, models: Sequence[state_lib.ModelSpec],
                   heldout: Any, blocks: Mapping[int, Any], centres: Any, monitor_config, *,
-                  workdir: Optional[str] = None, use_ema: bool = True) -> Monitor:
+                  workdir: Optional[str] = None, use_ema: bool = True,
+                  earlier_parameters: Optional[Callable[[int, bool], Any]] = None) -> Monitor:
   """Build the monitor of an eps-predicting image run.
 
   Args:
     network: the U-Net (flax module called as apply(params, x_t, t, train=False)).
     schedule: the DDPM schedule the run trains with.
-    models: the run's model list.
+    models: the run's model list, earlier groups' models first (see `Monitor`).
     heldout: [N_h, H, W, C] uncentred held-out images in [0, 1].
     blocks: block -> [n, H, W, C] uncentred training images of the block.
     centres: [M] scalar centre of each model (block centring) or [M, H, W, C].
     monitor_config: the monitor config section.
+    workdir, use_ema, earlier_parameters: as in `Monitor`.
   """
   heldout = np.asarray(heldout, np.float32)
   centres = np.asarray(centres, np.float32)
@@ -349,7 +383,7 @@ def image_monitor(network, schedule: diffusion.Schedule, models: Sequence[state_
   adapter = statistics.ImageAdapter(statistics.stack_apply(network), schedule, centres,
                                     divergence_kind=monitor_config.image_divergence)
   return Monitor(adapter, models, heldout, blocks, monitor_config, workdir=workdir,
-                 use_ema=use_ema)
+                 use_ema=use_ema, earlier_parameters=earlier_parameters)
 
 
 # config.experiment -> builder(config, workdir, monitor_config, read_records=bool) -> Monitor.

@@ -5,7 +5,9 @@
   data       load digits, CelebA or the synthetic proxy and store the images
              with their blocks (`save_prepared`);
   train      train one U-Net per block with `biasdiff.training.fit`, each on
-             its own block centred by its own mean mu_b;
+             its own block centred by its own mean mu_b, and with
+             monitor.enabled measure every grid checkpoint with the bias
+             monitor (`images_monitor`);
   evaluate   per grid checkpoint (cached one file per checkpoint): the test
              denoising loss over time, the predicted-noise similarity on train
              vs held-out probes, and paired samples with their statistics;
@@ -25,7 +27,6 @@ import os
 import shutil
 from typing import Any, Mapping, Optional
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -33,9 +34,13 @@ import numpy as np
 from biasdiff import diffusion
 from biasdiff import images as images_lib
 from biasdiff import io
+from biasdiff import monitor
 from biasdiff import parallel
+from biasdiff.metrics import probes
 from biasdiff.models import UNet
+from biasdiff.monitor import statistics as monitor_statistics
 from biasdiff.pipeline import images_eval
+from biasdiff.pipeline import images_monitor
 from biasdiff.pipeline import images_summary
 from biasdiff.pipeline import stages
 from biasdiff.training import batches
@@ -115,8 +120,28 @@ def check_config(config) -> None:
         f"eval.model_loop={evaluation.model_loop!r} is not one of {images_eval.MODEL_LOOPS}.")
   if config.model.dtype not in _DTYPES:
     raise ValueError(f"model.dtype={config.model.dtype!r} is not one of {sorted(_DTYPES)}.")
+  _check_monitor_config(config)
   # The train, checkpoint and parallel sections, before any data is loaded.
   loop.check_config(config)
+
+
+def _check_monitor_config(config) -> None:
+  monitor_config = config.monitor
+  if not monitor_config.enabled:
+    return
+  monitor.callback.check_config(monitor_config)
+  if monitor_config.image_divergence not in monitor_statistics.IMAGE_DIVERGENCES:
+    raise ValueError(f"monitor.image_divergence={monitor_config.image_divergence!r} is not one "
+                     f"of {monitor_statistics.IMAGE_DIVERGENCES}.")
+  schedule = diffusion.ddpm_schedule(config.diffusion.num_steps)
+  for name in ("split_time_fraction", "mia_time_fraction"):
+    t = probes.time_at_fraction(monitor_config[name], config.diffusion.num_steps)
+    probes.check_time(schedule, t, f"monitor.{name}={monitor_config[name]} gives t")
+  if monitor_config.stop_training and len(model_groups(config)) > 1:
+    raise ValueError(
+        f"monitor.stop_training=True needs every model in one fit, but zoo.models_per_fit="
+        f"{config.zoo.models_per_fit} trains {len(model_groups(config))} groups one after "
+        "another, which would stop at different epochs. Set zoo.models_per_fit=0.")
 
 
 # ---------------------------------------------------------------------------
@@ -230,8 +255,12 @@ def _without(section: ml_collections.ConfigDict, fields) -> dict:
 
 
 def train_spec(config, data_result: Mapping[str, Any]) -> dict:
-  """Return what the trained parameters depend on."""
-  return {
+  """Return what the trained parameters depend on.
+
+  The monitor only reads the parameters, so its settings enter only when it
+  can end training (monitor.stop_training).
+  """
+  spec = {
       "data_sha256": data_result["sha256"],
       "block_size": data_result["block_size"],
       "centering": config.data.centering,
@@ -243,13 +272,17 @@ def train_spec(config, data_result: Mapping[str, Any]) -> dict:
       "train": _without(config.train, _TRAIN_RUNTIME_FIELDS),
       "checkpoint": _without(config.checkpoint, _CHECKPOINT_RUNTIME_FIELDS),
   }
+  if config.monitor.enabled and config.monitor.stop_training:
+    spec["monitor"] = config.monitor.to_dict()
+  return spec
 
 
 def training_config(config, data_result: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Return the config that `fit` stores with each run: everything that training reads.
 
   The evaluation settings and the data paths are left out, so changing them
-  does not make `fit` reject its own checkpoints.
+  does not make `fit` reject its own checkpoints. The monitor section is kept
+  for experiments/audit.py; `fit` ignores it when it resumes a run.
   """
   record = ml_collections.ConfigDict()
   record.experiment = "images"
@@ -265,6 +298,7 @@ def training_config(config, data_result: Mapping[str, Any]) -> ml_collections.Co
   record.train = config.train
   record.checkpoint = config.checkpoint
   record.parallel = config.parallel
+  record.monitor = config.monitor
   return ml_collections.ConfigDict(record.to_dict())
 
 
@@ -284,10 +318,12 @@ def train_stage(config, root: str, data_result: Mapping[str, Any],
   objective = _objective(config.diffusion.num_steps, config.diffusion.train_t_min)
   fit_config = training_config(config, data_result)
   image_shape = tuple(data.image_shape)
+  prepared = os.path.join(data_result["stage_directory"], "prepared")
 
   def compute(stage: stages.Stage) -> dict:
-    group_directories = []
-    for g, group in enumerate(model_groups(config)):
+    groups = model_groups(config)
+    group_directories = [_group_directory(g) for g in range(len(groups))]
+    for g, group in enumerate(groups):
       train_data = np.stack([
           images_lib.center_block(data, splits, models[m].block, config.data.centering)[0]
           for m in group])  # [M_g, n, H, W, 1]
@@ -303,16 +339,25 @@ def train_stage(config, root: str, data_result: Mapping[str, Any],
               "centering": config.data.centering,
           },
           example_input=(np.zeros((1,) + image_shape, np.float32), np.zeros((1,), np.int32)))
-      directory = f"group_{g}"
+      directory = stage.path(group_directories[g])
+      earlier = [stage.path(d) for d in group_directories[:g]]
+      if parallel.is_main_process():
+        # Written with the monitor off too, so that experiments/audit.py can measure the run.
+        images_monitor.write_inputs(directory, prepared, earlier)
       logger.info("Training models %s (blocks %s) in %s.", group, [models[m].block for m in group],
-                  stage.path(directory))
-      loop.fit(fit_config, stage.path(directory), task, compiler_options=compiler_options)
-      group_directories.append(directory)
+                  directory)
+      callback = None
+      if config.monitor.enabled:
+        measured = [models[m] for members in groups[:g + 1] for m in members]
+        callback = images_monitor.build_monitor(config, model, config.monitor, data, splits,
+                                                measured, earlier, workdir=directory)
+      loop.fit(fit_config, directory, task, eval_callback=callback,
+               compiler_options=compiler_options)
     grids = [checkpoints.realised_grid(stage.path(d)) for d in group_directories]
     grid = sorted(set(grids[0]).intersection(*grids[1:]))
     return {
         "group_directories": group_directories,
-        "groups": model_groups(config),
+        "groups": groups,
         "grid_epochs": grid,
         "steps_per_epoch": batches.steps_per_epoch(data_result["block_size"],
                                                    config.train.batch_size),
@@ -324,14 +369,29 @@ def train_stage(config, root: str, data_result: Mapping[str, Any],
                           is_writer=parallel.is_main_process())
 
 
+def _group_directory(group: int) -> str:
+  return f"group_{group}"
+
+
+def stored_run_monitor(config, workdir: str, monitor_config, *,
+                       read_records: bool = True) -> monitor.Monitor:
+  """Rebuild the monitor of a training group from the config in its run.json.
+
+  This is the monitor builder of config.experiment "images", which
+  experiments/audit.py finds through `biasdiff.monitor.build_monitor`.
+  """
+  return images_monitor.stored_run_monitor(config, build_unet(config), workdir, monitor_config,
+                                           read_records=read_records)
+
+
+monitor.register_builder("images", stored_run_monitor)
+
+
 def load_parameters(train_result: Mapping[str, Any], epoch: int, use_ema: bool) -> Any:
   """Load the stacked parameters [M, ...] of every model at grid epoch `epoch`."""
-  parts = []
-  for directory in train_result["group_directories"]:
-    params, _ = checkpoints.load_grid_checkpoint(
-        os.path.join(train_result["stage_directory"], directory), epoch, use_ema=use_ema)
-    parts.append(params)
-  return jax.tree.map(lambda *leaves: np.concatenate(leaves, axis=0), *parts)
+  directories = [os.path.join(train_result["stage_directory"], d)
+                 for d in train_result["group_directories"]]
+  return images_monitor.stack_grid_checkpoints(directories, epoch, use_ema)
 
 
 # ---------------------------------------------------------------------------
