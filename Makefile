@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROFILE ?= quick
 WORKDIR ?= runs
+# Extra flags of experiments/reproduce.py, e.g. ARGS=--parts=images.
+ARGS ?=
 
 .PHONY: install test demo check-data bench reproduce-figures clean
 
@@ -27,7 +29,7 @@ check-data: install
 	$(PY) experiments/check_hierarchical.py --workdir $(WORKDIR)/check
 
 reproduce-figures: install
-	$(PY) experiments/reproduce.py --config=configs/reproduce.py:$(PROFILE) --workdir=$(WORKDIR)/$(PROFILE)
+	$(PY) experiments/reproduce.py --config=configs/reproduce.py:$(PROFILE) --workdir=$(WORKDIR)/$(PROFILE) $(ARGS)
 
 bench: install
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'

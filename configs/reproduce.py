@@ -6,7 +6,8 @@ Launch, from the repository root:
       --workdir=runs/reproduce_quick
 
 or `make reproduce-figures PROFILE=quick` (the default) or PROFILE=paper.
-Override a field with, for example, `--config.hierarchical.analysis.num_generated=256`.
+Override a field with, for example, `--config.hierarchical.analysis.num_generated=256`
+or `--config.images.data.path=/data/celeba/img_align_celeba`.
 
 Profiles:
   smoke  every code path on tiny sizes, for the end-to-end test (seconds to minutes)
@@ -23,6 +24,11 @@ Profiles:
 
 Each entry of `hierarchical.sizes` names a variant of configs/hierarchical.py and
 the fields that differ from it; `hierarchical.analysis` sets every measurement.
+
+`images` is the config of configs/images.py that the image part runs: its
+smoke variant in the smoke profile, the digits (quick) in the quick and small
+profiles, and CelebA (paper, which needs images.data.path) in the paper
+profile. The demo profile has no image part (images is None).
 """
 
 import os
@@ -33,8 +39,12 @@ import ml_collections
 _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPOSITORY not in sys.path:
   sys.path.insert(0, _REPOSITORY)
+from configs import images as images_configs  # pylint: disable=g-import-not-at-top
 
 PROFILES = ("smoke", "demo", "quick", "small", "paper")
+# The variant of configs/images.py that each profile's image part runs (None: no image part).
+IMAGE_VARIANTS = {"smoke": "smoke", "demo": None, "quick": "quick", "small": "quick",
+                  "paper": "paper"}
 
 
 def _size(variant: str, n: int, num_epochs: int, blocks, replicates,
@@ -165,5 +175,8 @@ def get_config(profile: str = "quick") -> ml_collections.ConfigDict:
     sizes.n5000 = _size("paper_5k", 5_000, 20_000, **paper_zoo)
     sizes.n12000 = _size("paper_12k", 12_000, 30_000, **paper_zoo)
     sizes.n70000 = _size("paper_70k", 70_000, 35_000, **paper_zoo)
+
+  variant = IMAGE_VARIANTS[profile]
+  config.images = None if variant is None else images_configs.get_config(variant)
   config.lock()
   return config

@@ -5,8 +5,9 @@ Train, measure, summarise and plot:
   python experiments/reproduce.py --config=configs/reproduce.py:quick --workdir=runs/quick
 
 Every stage is cached by content under --workdir, so rerunning after an
-interruption, or with one changed setting, redoes only what changed. Summaries
-and figures go to <workdir>/figures (or --output_dir).
+interruption, or with one changed setting, redoes only what changed. The
+tree-data summaries and figures go to <workdir>/figures (or --output_dir),
+the image part's summary.json and figures/ to its images/ subdirectory.
 """
 
 import logging
@@ -22,8 +23,7 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPOSITORY)
 from configs import hierarchical as hierarchical_configs  # pylint: disable=g-import-not-at-top
 from biasdiff import parallel  # pylint: disable=g-import-not-at-top
-from biasdiff.figures import hierarchical as hierarchical_figures  # pylint: disable=g-import-not-at-top
-from biasdiff.pipeline import hierarchical as hierarchical_pipeline  # pylint: disable=g-import-not-at-top
+from biasdiff.pipeline import reproduce  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import stages  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +33,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of every stage's outp
                                required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Where summaries and figures go; default <workdir>/figures.")
-_PARTS = flags.DEFINE_list("parts", ["hierarchical"], "Pipelines to run: hierarchical.")
+_PARTS = flags.DEFINE_list(
+    "parts", None, "Pipelines to run, from hierarchical and images; default every part of the "
+    "profile (the demo profile has no images part).")
 
 
 def main(argv):
@@ -45,15 +47,14 @@ def main(argv):
   logging.info("Devices: %s", jax.devices())
   config = _CONFIG.value
   output_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "figures")
-  for part in _PARTS.value:
-    if part != "hierarchical":
-      raise app.UsageError(f"Unknown part {part!r}; use hierarchical.")
+  parts = _PARTS.value or reproduce.profile_parts(config)
+  try:
+    reproduce.check_parts(config, parts)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
   stages.claim_workdir(_WORKDIR.value, config, parallel.is_main_process())
-  summaries = hierarchical_pipeline.run(config, _WORKDIR.value, hierarchical_configs.get_config)
-  if parallel.is_main_process():
-    paths = hierarchical_pipeline.write_summaries(summaries, output_dir)
-    paths += hierarchical_figures.write_all(summaries, output_dir)
-    logging.info("Wrote %d files to %s", len(paths), output_dir)
+  reproduce.run(config, _WORKDIR.value, output_dir, parts, hierarchical_configs.get_config)
+  logging.info("Parts %s done; summaries and figures are in %s.", ", ".join(parts), output_dir)
 
 
 if __name__ == "__main__":

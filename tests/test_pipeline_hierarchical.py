@@ -1,6 +1,7 @@
-"""End-to-end test of the tree-data figure pipeline on a tiny profile."""
+"""End-to-end test of the figure pipeline, tree data and images, on the smoke profile."""
 
 import json
+import math
 import os
 import sys
 
@@ -10,9 +11,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import hierarchical as hierarchical_configs  # pylint: disable=g-import-not-at-top
 from configs import reproduce as reproduce_configs  # pylint: disable=g-import-not-at-top
-from biasdiff.figures import hierarchical as figures  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import hierarchical as pipeline  # pylint: disable=g-import-not-at-top
+from biasdiff.pipeline import images_eval  # pylint: disable=g-import-not-at-top
+from biasdiff.pipeline import reproduce  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import stages  # pylint: disable=g-import-not-at-top
+from biasdiff.training import loop  # pylint: disable=g-import-not-at-top
 
 SUMMARY_KEYS = ("epochs", "test_loss", "train_loss", "sample_split_kl", "nn_divergence",
                 "kl_bp_model", "epoch_min_test_loss", "epoch_min_sample_split_kl",
@@ -20,6 +23,9 @@ SUMMARY_KEYS = ("epochs", "test_loss", "train_loss", "sample_split_kl", "nn_dive
                 "kl_time", "random_uturn")
 FIGURES = ("fig1b_n512", "fig4a_n512", "fig4b_n512", "fig5_n512", "app11_n512", "fig6", "fig3b",
            "app9_10")
+IMAGE_FIGURES = ("fig1a_left", "fig1a_right", "fig2", "companion")
+# Fast XLA compiles on CPU for the image part, which trains for 8 steps.
+IMAGE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 def _finite_numbers(value):
@@ -32,14 +38,26 @@ def _finite_numbers(value):
   return True
 
 
+def _numbers(value):
+  """Yield every number in a nested JSON value."""
+  if isinstance(value, dict):
+    for item in value.values():
+      yield from _numbers(item)
+  elif isinstance(value, list):
+    for item in value:
+      yield from _numbers(item)
+  elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    yield value
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pipeline"))
   config = reproduce_configs.get_config("smoke")
-  summaries = pipeline.run(config, workdir, hierarchical_configs.get_config)
   output = os.path.join(workdir, "figures")
-  pipeline.write_summaries(summaries, output)
-  figures.write_all(summaries, output)
+  stages.claim_workdir(workdir, config)
+  reproduce.run(config, workdir, output, reproduce.profile_parts(config),
+                hierarchical_configs.get_config, image_compiler_options=IMAGE_COMPILER_OPTIONS)
   return workdir, output, config
 
 
@@ -69,8 +87,35 @@ def test_summary_has_every_key_and_finite_values(smoke_run):
   assert at_t[0] < at_t[1]
 
 
+def test_image_part_writes_every_figure(smoke_run):
+  _, output, _ = smoke_run
+  figures = os.path.join(output, reproduce.IMAGES_DIRECTORY, "figures")
+  for name in IMAGE_FIGURES:
+    for extension in ("png", "pdf"):
+      path = os.path.join(figures, f"{name}.{extension}")
+      assert os.path.getsize(path) > 0, path
+
+
+def test_image_summary_has_finite_minima(smoke_run):
+  workdir, output, _ = smoke_run
+  with open(os.path.join(output, reproduce.IMAGES_DIRECTORY, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["variant"] == "smoke"
+  assert summary["epoch_min_cosine_distance"] in summary["sampling_epochs"]
+  for where in ("all_t", "trained_t"):
+    assert summary["epoch_min_test_loss"][where]["epoch"] in summary["epochs"], where
+  for key in ("epoch_min_test_loss", "epoch_min_cosine_distance", "test_loss",
+              "cosine_distance"):
+    numbers = list(_numbers(summary[key]))
+    assert numbers, key
+    assert all(math.isfinite(x) for x in numbers), key
+  # The image stages live beside the tree-data stages in the profile's workdir.
+  assert os.path.isdir(os.path.join(workdir, reproduce.IMAGES_DIRECTORY, "stages", "train"))
+  assert os.path.isdir(os.path.join(workdir, "hierarchical", "train"))
+
+
 def test_rerun_reuses_every_stage(smoke_run, monkeypatch):
-  workdir, _, config = smoke_run
+  workdir, output, config = smoke_run
 
   def fail(*args, **kwargs):
     raise AssertionError("a finished stage was recomputed")
@@ -78,8 +123,12 @@ def test_rerun_reuses_every_stage(smoke_run, monkeypatch):
   monkeypatch.setattr(pipeline, "_train", fail)
   monkeypatch.setattr(pipeline, "_evaluate", fail)
   monkeypatch.setattr(pipeline, "_uturn", fail)
-  summaries = pipeline.run(config, workdir, hierarchical_configs.get_config)
-  assert "n512" in summaries
+  monkeypatch.setattr(loop, "fit", fail)
+  monkeypatch.setattr(images_eval, "evaluate_checkpoint", fail)
+  summaries = reproduce.run(config, workdir, output, reproduce.PARTS,
+                            hierarchical_configs.get_config)
+  assert "n512" in summaries["hierarchical"]
+  assert summaries["images"]["variant"] == "smoke"
 
 
 def test_workdir_of_another_profile_is_rejected(smoke_run):
@@ -92,6 +141,27 @@ def test_workdir_of_another_profile_is_rejected(smoke_run):
 def test_bad_profile_name_is_rejected():
   with pytest.raises(ValueError, match="Unknown profile 'fast'"):
     reproduce_configs.get_config("fast")
+
+
+def test_profiles_map_to_image_variants():
+  variants = {}
+  for profile in reproduce_configs.PROFILES:
+    images = reproduce_configs.get_config(profile).images
+    variants[profile] = None if images is None else images.variant
+  assert variants == {"smoke": "smoke", "demo": None, "quick": "quick", "small": "quick",
+                      "paper": "paper"}
+  assert reproduce.profile_parts(reproduce_configs.get_config("demo")) == ("hierarchical",)
+  assert reproduce.profile_parts(reproduce_configs.get_config("quick")) == reproduce.PARTS
+
+
+@pytest.mark.parametrize("profile, parts, message", [
+    ("smoke", ["trees"], "Unknown part 'trees'"),
+    ("demo", ["images"], "Profile 'demo' has no images part"),
+    ("paper", ["images"], r"needs data.path.*--config.images.data.path"),
+])
+def test_invalid_parts_are_rejected(profile, parts, message):
+  with pytest.raises(ValueError, match=message):
+    reproduce.check_parts(reproduce_configs.get_config(profile), parts)
 
 
 def test_missing_checkpoint_is_an_error(smoke_run, tmp_path):
