@@ -59,4 +59,15 @@ def run(device_mode: bool = False) -> dict:
   notes = ["The 19 s and 16 s baselines are the authors' PyTorch timings as quoted in the "
            "benchmark's goals; their code was not run here, so these two ratios compare "
            "across machines."]
+  # A lower bound for the network rows: every step's forward pass at the measured matmul rate.
+  inputs = (jnp.zeros((first, 16, 6), jnp.float32), jnp.ones((first,), jnp.int32), params)
+  cost = jax.jit(network_denoise).lower(*inputs).compile().cost_analysis()
+  flops = float(cost.get("flops", float("nan"))) if isinstance(cost, dict) else float("nan")
+  peak = common.measure_matmul_gflops()
+  floor_seconds = 500 * flops / (peak * 1e9)
+  notes.append(f"One forward pass of the network on {first} sequences is {flops / 1e9:.2f} "
+               f"GFLOP (XLA cost analysis), so 500 steps need at least {floor_seconds:.1f} s at "
+               f"this machine's measured fp32 matmul rate of {peak:.0f} GFLOP/s; the measured "
+               f"run reaches {500 * flops / rows['network', first]['seconds_median'] / 1e9:.0f} "
+               "GFLOP/s.")
   return {"rows": list(rows.values()), "goals": goals, "notes": notes}

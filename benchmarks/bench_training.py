@@ -12,6 +12,7 @@ one measurement on 2 forced CPU devices; `run` uses that to add multi-device row
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -30,15 +31,18 @@ def _networks(device_mode: bool):
   sequences = objectives.SequenceX0Objective(diffusion.sequence_schedule(500), 6)
   images = objectives.ImageEpsObjective(diffusion.ddpm_schedule(1000))
   paper_batch = 512 if device_mode else 64
+  # Unrolled layers on every backend: XLA's cost analysis counts a loop body once, so a
+  # rolled layer loop would under-count the FLOPs by the number of layers.
+  transformer = functools.partial(Transformer, unroll_layers=True)
   return [
       ("tiny transformer (2 layers, width 64), batch 256",
-       Transformer(6, 16, d_model=64, num_layers=2, num_heads=2, ffn_dim=128), sequences,
+       transformer(6, 16, d_model=64, num_layers=2, num_heads=2, ffn_dim=128), sequences,
        (256, 16), "tokens"),
       ("quick transformer (3 layers, width 96, depth-3 trees), batch 256",
-       Transformer(6, 8, d_model=96, num_layers=3, num_heads=4, ffn_dim=192), sequences,
+       transformer(6, 8, d_model=96, num_layers=3, num_heads=4, ffn_dim=192), sequences,
        (256, 8), "tokens"),
       (f"paper transformer (8 layers, width 512), batch {paper_batch}",
-       Transformer(6, 16), sequences, (paper_batch, 16), "tokens"),
+       transformer(6, 16), sequences, (paper_batch, 16), "tokens"),
       ("quick U-Net (digits, 8x8), batch 128", digits_unet(), images, (128, 8, 8, 1), "images"),
   ]
 
