@@ -447,6 +447,53 @@ def test_folder_loader_missing_or_empty_folder(tmp_path):
     bi.load_celeba_folder(tmp_path / "empty")
 
 
+def _empty_jpegs(folder: pathlib.Path, count: int) -> pathlib.Path:
+  folder.mkdir(parents=True)
+  for i in range(1, count + 1):
+    (folder / f"{i:06d}.jpg").touch()
+  return folder
+
+
+def test_check_folder_counts_names_only(tmp_path):
+  # Empty files cannot be decoded, so the check passes only if it opens none.
+  folder = _empty_jpegs(tmp_path / "img_align_celeba", LAYOUT.num_rows)
+  (folder / "list_eval_partition.txt").touch()
+  celeba.check_folder(folder, LAYOUT)
+  celeba.check_folder(tmp_path, LAYOUT)
+
+
+def test_check_folder_rejects_too_few_files(tmp_path):
+  folder = _empty_jpegs(tmp_path / "jpegs", LAYOUT.num_rows - 1)
+  with pytest.raises(ValueError, match=r"contains 16 JPEG files, but 3 blocks of 4 plus 5 "
+                     r"held-out images need 17"):
+    celeba.check_folder(folder, LAYOUT)
+
+
+def test_check_folder_missing_or_empty_folder(tmp_path):
+  with pytest.raises(FileNotFoundError, match="CelebA folder .*absent not found"):
+    celeba.check_folder(tmp_path / "absent", LAYOUT)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="no .jpg files"):
+    celeba.check_folder(tmp_path / "empty", LAYOUT)
+
+
+def test_tfds_check_source_finds_prepared_dataset(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no prepared celeb_a dataset"):
+    celeba_tfds.check_source(LAYOUT, data_dir=tmp_path)
+  version = tmp_path / "celeb_a" / "2.1.0"
+  version.mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="no prepared celeb_a dataset"):
+    celeba_tfds.check_source(LAYOUT, data_dir=tmp_path)
+  (version / "dataset_info.json").write_text("{}")
+  celeba_tfds.check_source(LAYOUT, data_dir=tmp_path)
+
+
+def test_tfds_check_source_rejects_large_layout(tmp_path):
+  layout = bi.BlockLayout(block_size=200_000, num_blocks=2, heldout_size=5)
+  with pytest.raises(ValueError, match="the source has 202599"):
+    celeba_tfds.check_source(layout, data_dir=tmp_path)
+
+
 def test_folder_loader_layout_larger_than_data(jpeg_folder):
   with pytest.raises(ValueError, match=r"need 25 rows, but the source has 24"):
     bi.load_celeba_folder(jpeg_folder, layout=bi.BlockLayout(block_size=5, num_blocks=4, heldout_size=5))

@@ -13,10 +13,12 @@ REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPOSITORY)
 
 from configs import images as images_config  # pylint: disable=g-import-not-at-top
+from configs import reproduce as reproduce_configs  # pylint: disable=g-import-not-at-top
 from biasdiff import monitor
 from biasdiff.pipeline import images as pipeline
 from biasdiff.pipeline import images_eval
 from biasdiff.pipeline import images_monitor
+from biasdiff.pipeline import stages
 from biasdiff.training import loop
 from helpers import audit_script
 
@@ -296,13 +298,21 @@ def test_unknown_variant_is_rejected():
     images_config.get_config("huge")
 
 
+def _celeba_folder(directory, data) -> str:
+  """Write as many empty .jpg files as the blocks and held-out images of `data` need."""
+  folder = directory / "img_align_celeba"
+  folder.mkdir()
+  for i in range(1, data.num_blocks * data.block_size + data.heldout_size + 1):
+    (folder / f"{i:06d}.jpg").touch()
+  return str(folder)
+
+
 @pytest.mark.parametrize("variant", images_config.VARIANTS)
-def test_every_variant_passes_the_checks(variant):
+def test_every_variant_passes_the_checks(variant, tmp_path):
   config = images_config.get_config(variant)
   if config.data.source == "celeba_folder":
-    config.unlock()
-    config.data.path = "/data/img_align_celeba"
-    config.lock()
+    with config.unlocked():
+      config.data.path = _celeba_folder(tmp_path, config.data)
   pipeline.check_config(config)
 
 
@@ -345,8 +355,67 @@ def test_bad_field_is_rejected(field, value, message):
 
 def test_celeba_without_path_is_rejected():
   config = images_config.get_config("pair")
-  with pytest.raises(ValueError, match="needs data.path"):
+  with pytest.raises(ValueError, match="needs data.path") as error:
     pipeline.check_config(config)
+  assert "set --config.data.path=/path/to/img_align_celeba" in str(error.value)
+  with pytest.raises(ValueError) as error:
+    pipeline.check_config(config, flag_prefix="--config.images.")
+  assert "set --config.images.data.path=/path/to/img_align_celeba" in str(error.value)
+  assert "--config.data." not in str(error.value)
+
+
+@pytest.mark.parametrize("files, message", [
+    (None, "CelebA folder .* not found"),
+    (0, "no .jpg files in"),
+    (4095, "contains 4095 JPEG files, but 2 blocks of 1024 plus 2048 held-out images need 4096"),
+])
+def test_bad_celeba_folder_is_rejected(tmp_path, files, message):
+  config = images_config.get_config("pair")
+  folder = tmp_path / "img_align_celeba"
+  if files is not None:
+    folder.mkdir()
+    for i in range(1, files + 1):
+      (folder / f"{i:06d}.jpg").touch()
+  with config.unlocked():
+    config.data.path = str(folder)
+  with pytest.raises(ValueError, match=message):
+    pipeline.check_config(config)
+
+
+def test_unprepared_tfds_source_is_rejected(tmp_path):
+  config = images_config.get_config("pair")
+  with config.unlocked():
+    config.data.source = "celeba_tfds"
+    config.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match=r"no prepared celeb_a dataset.*--config.data.data_dir"):
+    pipeline.check_config(config)
+
+
+def test_reproduce_profile_is_rejected():
+  with pytest.raises(ValueError, match=r"needs a config from configs/images.py.*without an "
+                     r"'experiment' field.*run it with experiments/reproduce.py"):
+    pipeline.check_config(reproduce_configs.get_config("smoke"))
+
+
+def test_workdir_of_other_variant_is_rejected(tmp_path):
+  stages.claim_workdir(str(tmp_path), images_config.get_config("quick"))
+  with pytest.raises(ValueError, match="contains a run of image variant 'quick', not 'smoke'"):
+    pipeline.run(_smoke_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["pipeline.json"]
+
+
+def test_run_claims_its_workdir(tmp_path, monkeypatch):
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop()
+
+  monkeypatch.setattr(pipeline, "data_stage", stop)
+  with pytest.raises(Stop):
+    pipeline.run(_smoke_config(), str(tmp_path))
+  assert stages.load_json(str(tmp_path / "pipeline.json")) == {"image_variant": "smoke"}
 
 
 def test_loss_time_weights():

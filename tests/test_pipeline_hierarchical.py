@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import hierarchical as hierarchical_configs  # pylint: disable=g-import-not-at-top
+from configs import images as images_configs  # pylint: disable=g-import-not-at-top
 from configs import reproduce as reproduce_configs  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import hierarchical as pipeline  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import images_eval  # pylint: disable=g-import-not-at-top
@@ -162,6 +163,25 @@ def test_profiles_map_to_image_variants():
 def test_invalid_parts_are_rejected(profile, parts, message):
   with pytest.raises(ValueError, match=message):
     reproduce.check_parts(reproduce_configs.get_config(profile), parts)
+
+
+def test_paper_message_gives_only_reproduce_flags():
+  with pytest.raises(ValueError) as error:
+    reproduce.check_parts(reproduce_configs.get_config("paper"), ["hierarchical", "images"])
+  message = str(error.value)
+  assert "--config.images.data.path=/path/to/img_align_celeba" in message
+  assert "--config.data." not in message
+
+
+@pytest.mark.parametrize("config, message", [
+    (images_configs.get_config("smoke"), "This is a config of configs/images.py"),
+    (hierarchical_configs.get_config("smoke"), "This is a config of configs/hierarchical.py"),
+])
+def test_config_of_other_file_is_rejected(config, message):
+  with pytest.raises(ValueError, match="experiments/reproduce.py needs a profile from "
+                     "configs/reproduce.py") as error:
+    reproduce.check_parts(config, ["hierarchical"])
+  assert message in str(error.value)
 
 
 def test_missing_checkpoint_is_an_error(smoke_run, tmp_path):

@@ -59,3 +59,22 @@ def test_item_cache_stores_and_returns_arrays(tmp_path):
   np.testing.assert_array_equal(first["x"], second["x"])
   assert int(second["n"]) == 3
   assert len(calls) == 1
+
+
+def test_image_part_claim_beside_profile(tmp_path):
+  profile = {"profile": "quick"}
+  image_variant = {"experiment": "images", "variant": "quick"}
+  stages.claim_workdir(str(tmp_path), profile)
+  # experiments/reproduce.py runs the image part in <workdir>/images.
+  stages.claim_workdir(str(tmp_path / "images"), image_variant)
+  stages.claim_workdir(str(tmp_path), profile)
+  stages.claim_workdir(str(tmp_path / "images"), image_variant)
+  assert stages.load_json(str(tmp_path / "pipeline.json")) == {"profile": "quick"}
+  assert stages.load_json(str(tmp_path / "images" / "pipeline.json")) == {"image_variant": "quick"}
+
+
+def test_claim_of_other_kind_is_rejected(tmp_path):
+  stages.claim_workdir(str(tmp_path), {"profile": "quick"})
+  with pytest.raises(ValueError, match=r"contains a run of profile 'quick', not of image variant "
+                     r"'quick'; use another --workdir \(for example runs/images_quick\)"):
+    stages.claim_workdir(str(tmp_path), {"experiment": "images", "variant": "quick"})

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +172,38 @@ def list_jpegs(folder: data_lib.PathLike) -> tuple[pathlib.Path, list[str]]:
   Raises:
     FileNotFoundError: the folder does not exist or contains no JPEG files.
   """
+  folder = _image_folder(folder)
+  names = sorted(_jpeg_names(folder))
+  if not names:
+    raise FileNotFoundError(_no_jpegs_message(folder))
+  return folder, names
+
+
+def check_folder(folder: data_lib.PathLike, layout: splits_lib.BlockLayout) -> None:
+  """Raise the errors `load_celeba_folder` would raise about the folder, without decoding.
+
+  Counts the JPEG names in one pass over the folder, without sorting them or
+  opening any file, so it is cheap enough to run before a long job.
+
+  Raises:
+    FileNotFoundError: the folder does not exist or contains no JPEG files.
+    ValueError: the layout needs more images than the folder contains.
+  """
+  folder = _image_folder(folder)
+  count = sum(1 for _ in _jpeg_names(folder))
+  if count == 0:
+    raise FileNotFoundError(_no_jpegs_message(folder))
+  if layout.num_rows > count:
+    raise ValueError(
+        f"CelebA folder {folder} contains {count} JPEG files, but {layout.num_blocks} blocks of "
+        f"{layout.block_size} plus {layout.heldout_size} held-out images need {layout.num_rows}; "
+        f"pass the full img_align_celeba folder ({CELEBA_NUM_FILES:,} files) or reduce "
+        "num_blocks, block_size or heldout_size."
+    )
+
+
+def _image_folder(folder: data_lib.PathLike) -> pathlib.Path:
+  """Return `folder`, or its img_align_celeba subfolder when it has one."""
   folder = pathlib.Path(folder)
   if not folder.is_dir():
     raise FileNotFoundError(
@@ -180,17 +212,19 @@ def list_jpegs(folder: data_lib.PathLike) -> tuple[pathlib.Path, list[str]]:
     )
   if (folder / "img_align_celeba").is_dir():
     folder = folder / "img_align_celeba"
-  names = sorted(
-      entry.name
-      for entry in os.scandir(folder)
-      if entry.is_file() and os.path.splitext(entry.name)[1].lower() in JPEG_SUFFIXES
-  )
-  if not names:
-    raise FileNotFoundError(
-        f"no .jpg files in {folder}; pass the folder of aligned CelebA JPEGs "
-        "(000001.jpg, 000002.jpg, ...)."
-    )
-  return folder, names
+  return folder
+
+
+def _jpeg_names(folder: pathlib.Path) -> Iterator[str]:
+  with os.scandir(folder) as entries:
+    for entry in entries:
+      if entry.is_file() and os.path.splitext(entry.name)[1].lower() in JPEG_SUFFIXES:
+        yield entry.name
+
+
+def _no_jpegs_message(folder: pathlib.Path) -> str:
+  return (f"no .jpg files in {folder}; pass the folder of aligned CelebA JPEGs "
+          "(000001.jpg, 000002.jpg, ...).")
 
 
 def build_celeba_data(

@@ -21,10 +21,12 @@ same row as in `celeba.load_celeba_folder`, and the same preprocessing runs.
 """
 
 import dataclasses
+import glob
 import hashlib
 import importlib.util
 import io
 import logging
+import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -76,6 +78,47 @@ def _decoder_record(decoder: str) -> dict[str, str]:
   # TFDS decodes with OpenCV when it can import cv2 and falls back to Pillow.
   library = "OpenCV" if importlib.util.find_spec("cv2") is not None else "Pillow"
   return {"library": library, "via": "tensorflow_datasets"}
+
+
+def default_data_dir() -> str:
+  """Return the data directory TFDS uses when none is given.
+
+  This is `tfds.core.constants.get_default_data_dir()` of TFDS 4.9.10, written
+  out so that the check below does not import tensorflow_datasets.
+  """
+  return os.environ.get("TFDS_DATA_DIR",
+                        os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+
+
+def check_source(
+    layout: splits_lib.BlockLayout,
+    name: str = "celeb_a",
+    data_dir: Optional[data_lib.PathLike] = None,
+) -> None:
+  """Raise an error before loading when the dataset is not prepared or too small.
+
+  Looks for `<data_dir>/<name>/<version>/dataset_info.json`, which TFDS
+  writes when it prepares a dataset; without it, `tfds.data_source` of TFDS
+  4.9.10 starts to download and build the dataset. Remote data directories ("gs://...")
+  are not checked. The layout is checked against CelebA's official
+  partition, which `load_celeba_tfds` reads by default.
+
+  Raises:
+    FileNotFoundError: no prepared version of the dataset in the data directory.
+    ValueError: the layout needs more rows than CelebA has.
+  """
+  layout.source_rows(celeba.CELEBA_NUM_FILES)
+  data_dir = str(data_dir or default_data_dir())
+  if "://" in data_dir:
+    return
+  base_name = name.split(":")[0]
+  if glob.glob(os.path.join(glob.escape(data_dir), base_name, "*", "dataset_info.json")):
+    return
+  raise FileNotFoundError(
+      f"no prepared {base_name} dataset in the TFDS data directory {data_dir} (no "
+      f"{base_name}/<version>/dataset_info.json there); prepare it once from your own copy of "
+      f"CelebA with `tfds build {base_name} --file_format=array_record --data_dir=DIR`."
+  )
 
 
 def load_celeba_tfds(

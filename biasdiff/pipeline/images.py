@@ -70,20 +70,33 @@ _EVAL_RUNTIME_FIELDS = ("sample_batch_size", "batch_size", "loss_times_per_call"
 # Config checks.
 
 
-def check_config(config) -> None:
-  """Raise ValueError naming the field when `config` cannot run this pipeline."""
-  if config.experiment != "images":
-    raise ValueError(
-        f"config.experiment={config.experiment!r}; the image pipeline needs a config from "
-        "configs/images.py.")
+def check_config(config, flag_prefix: str = "--config.") -> None:
+  """Raise ValueError naming the field when `config` cannot run this pipeline.
+
+  The CelebA sources are checked without decoding: a folder must exist and
+  contain enough JPEGs for the blocks and the held-out images (one listing of
+  its file names), and a TFDS data directory must contain a prepared dataset.
+
+  Args:
+    config: a config from configs/images.py.
+    flag_prefix: how the caller's command line names the fields of `config`,
+      used in the suggested fixes: "--config." for experiments/images.py,
+      "--config.images." for experiments/reproduce.py.
+  """
+  experiment = config.get("experiment")
+  if experiment != "images":
+    found = ("without an 'experiment' field" if experiment is None
+             else f"with experiment={experiment!r}")
+    message = (f"The image pipeline (experiments/images.py) needs a config from configs/images.py,"
+               f" for example --config=configs/images.py:quick, but got one {found}.")
+    if "profile" in config:
+      message += (" This is a profile of configs/reproduce.py: run it with "
+                  "experiments/reproduce.py.")
+    raise ValueError(message)
   data, zoo, evaluation = config.data, config.zoo, config.eval
 
   if data.source not in DATA_SOURCES:
     raise ValueError(f"data.source={data.source!r} is not one of {DATA_SOURCES}.")
-  if data.source == "celeba_folder" and not data.path:
-    raise ValueError(
-        "data.source='celeba_folder' needs data.path, the img_align_celeba folder; set "
-        "--config.data.path=/path/to/img_align_celeba or use data.source='proxy'.")
   blocks = [int(b) for b in zoo.blocks]
   if len(blocks) < 2 or len(set(blocks)) != len(blocks):
     raise ValueError(
@@ -123,6 +136,30 @@ def check_config(config) -> None:
   _check_monitor_config(config)
   # The train, checkpoint and parallel sections, before any data is loaded.
   loop.check_config(config)
+  # Last, because it reads the file system.
+  _check_celeba_source(data, flag_prefix)
+
+
+def _check_celeba_source(data, flag_prefix: str) -> None:
+  """Raise ValueError when the CelebA source of `data` is missing or too small."""
+  if data.source not in ("celeba_folder", "celeba_tfds"):
+    return
+  if data.source == "celeba_folder" and not data.path:
+    raise ValueError(
+        "data.source='celeba_folder' needs data.path, the img_align_celeba folder; set "
+        f"{flag_prefix}data.path=/path/to/img_align_celeba or {flag_prefix}data.source=proxy.")
+  layout = images_lib.BlockLayout(data.block_size, data.num_blocks, data.heldout_size)
+  try:
+    if data.source == "celeba_folder":
+      images_lib.celeba.check_folder(data.path, layout)
+    else:
+      images_lib.celeba_tfds.check_source(layout, data_dir=data.data_dir or None)
+  except FileNotFoundError as error:
+    if data.source == "celeba_folder":
+      fix = f"The folder is set by {flag_prefix}data.path."
+    else:
+      fix = f"The data directory is set by {flag_prefix}data.data_dir."
+    raise ValueError(f"{error} {fix}") from error
 
 
 def _check_monitor_config(config) -> None:
@@ -539,7 +576,9 @@ def run(config, workdir: str, output_dir: Optional[str] = None,
 
   Args:
     config: a config from configs/images.py.
-    workdir: where the stages live; an existing run there is resumed.
+    workdir: where the stages live; an existing run there is resumed. The
+      first run claims it for config.variant (see `stages.claim_workdir`), and
+      a run of another variant there raises ValueError.
     output_dir: where summary.json and figures/ are copied; default workdir.
     compiler_options: XLA options for the training step (see `fit`).
 
@@ -547,6 +586,7 @@ def run(config, workdir: str, output_dir: Optional[str] = None,
     The summary dictionary that summary.json contains.
   """
   check_config(config)
+  stages.claim_workdir(workdir, config, parallel.is_main_process())
   output_dir = output_dir or workdir
   root = os.path.join(workdir, STAGES_DIRECTORY)
   data_result, data, splits = data_stage(config, root, workdir)

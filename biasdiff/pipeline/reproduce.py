@@ -25,6 +25,31 @@ logger = logging.getLogger(__name__)
 
 PARTS = ("hierarchical", "images")
 IMAGES_DIRECTORY = "images"
+# The top-level fields of every profile of configs/reproduce.py.
+PROFILE_FIELDS = ("profile", "hierarchical", "images")
+# The prefix of the image fields in the command-line overrides of experiments/reproduce.py.
+IMAGE_FLAG_PREFIX = "--config.images."
+
+
+def check_profile(config) -> None:
+  """Raise ValueError unless `config` is a profile of configs/reproduce.py.
+
+  A config of configs/images.py or configs/hierarchical.py lacks the profile
+  fields, and the message names the script that runs it.
+  """
+  missing = [field for field in PROFILE_FIELDS if field not in config]
+  if not missing:
+    return
+  message = (f"experiments/reproduce.py needs a profile from configs/reproduce.py, for example "
+             f"--config=configs/reproduce.py:quick, but got a config without a {missing[0]!r} "
+             "field.")
+  experiment = config.get("experiment")
+  if experiment == "images":
+    message += (" This is a config of configs/images.py: run it with experiments/images.py, or "
+                f"set its fields here as {IMAGE_FLAG_PREFIX}<field>.")
+  elif experiment == "hierarchical":
+    message += " This is a config of configs/hierarchical.py: train it with experiments/train.py."
+  raise ValueError(message)
 
 
 def profile_parts(config) -> tuple[str, ...]:
@@ -38,8 +63,10 @@ def check_parts(config, parts: Sequence[str]) -> None:
   """Raise ValueError naming the first part that the profile cannot run.
 
   A part is rejected when it is unknown, when the profile lacks it, or, for
-  the image part, when `images.check_config` rejects config.images.
+  the image part, when `images.check_config` rejects config.images, which
+  includes a CelebA folder that is missing or has too few JPEGs.
   """
+  check_profile(config)
   for part in parts:
     if part not in PARTS:
       raise ValueError(f"Unknown part {part!r}; choose from {PARTS}.")
@@ -48,12 +75,12 @@ def check_parts(config, parts: Sequence[str]) -> None:
                        f"{profile_parts(config)}.")
   if "images" in parts:
     try:
-      images.check_config(config.images)
+      images.check_config(config.images, flag_prefix=IMAGE_FLAG_PREFIX)
     except ValueError as error:
       raise ValueError(
-          f"Invalid image config of profile {config.profile!r}: {error} Here the image fields "
-          "are under --config.images, for example --config.images.data.path=...; or run "
-          "only --parts=hierarchical.") from error
+          f"Invalid image config of profile {config.profile!r} (the fields under "
+          f"{IMAGE_FLAG_PREFIX}): {error} To skip the image part, pass --parts=hierarchical."
+      ) from error
 
 
 def run(config, workdir: str, output_dir: str, parts: Sequence[str],

@@ -151,19 +151,42 @@ def load_json(path: str, default: Optional[Any] = None) -> Any:
 
 
 def claim_workdir(workdir: str, config: Any, is_writer: bool = True) -> None:
-  """Record which pipeline profile owns `workdir`, or raise if another one does.
+  """Record which pipeline profile or image variant owns `workdir`, or raise if another one does.
 
-  Stages of different profiles would not collide (their keys differ), but the
-  summaries and figures of a workdir would be overwritten, so one workdir serves
-  one profile.
+  Stages of different configs would not collide (their keys differ), but the
+  summaries and figures of a workdir would be overwritten, so one workdir
+  serves one profile of configs/reproduce.py (experiments/reproduce.py) or
+  one variant of configs/images.py (experiments/images.py). The record is
+  <workdir>/pipeline.json. A profile's image part runs in <workdir>/images,
+  which the image pipeline claims for the profile's image variant.
+
+  Raises:
+    ValueError: `workdir` belongs to another profile or variant.
   """
   path = os.path.join(workdir, "pipeline.json")
-  profile = config["profile"]
+  claim = workdir_owner(config)
   owner = load_json(path)
-  if owner is not None and owner["profile"] != profile:
+  if owner is not None and owner != claim:
+    kind, name = _describe_owner(owner)
+    claim_kind, claim_name = _describe_owner(claim)
+    requested = f"{claim_name!r}" if claim_kind == kind else f"of {claim_kind} {claim_name!r}"
+    example = f"runs/{claim_name}" if "profile" in claim else f"runs/images_{claim_name}"
     raise ValueError(
-        f"{workdir!r} contains a run of profile {owner['profile']!r}, not {profile!r}; use "
-        f"another --workdir (for example runs/{profile}) or delete this one")
+        f"{workdir!r} contains a run of {kind} {name!r}, not {requested}; use another --workdir "
+        f"(for example {example}) or delete this one.")
   if owner is None and is_writer:
     os.makedirs(workdir, exist_ok=True)
-    io.write_json_atomically(path, {"profile": profile})
+    io.write_json_atomically(path, claim)
+
+
+def workdir_owner(config: Any) -> dict:
+  """Return the pipeline.json record of `config`: its profile or its image variant."""
+  if "profile" in config:
+    return {"profile": config["profile"]}
+  return {"image_variant": config["variant"]}
+
+
+def _describe_owner(owner: dict) -> tuple[str, str]:
+  if "profile" in owner:
+    return "profile", owner["profile"]
+  return "image variant", owner["image_variant"]

@@ -146,10 +146,11 @@ def transformer(config) -> Transformer:
 
 def hierarchical_task(config, workdir: str) -> TrainingTask:
   """Return the task of training config.zoo on blocks of the tree corpus."""
-  if config.experiment != "hierarchical":
+  experiment = config.get("experiment")
+  if experiment != "hierarchical":
     raise ValueError(
-        f"config.experiment={config.experiment!r}; hierarchical_task needs a "
-        "config from configs/hierarchical.py.")
+        f"config.experiment={experiment!r}; hierarchical_task (experiments/train.py) needs a "
+        "config from configs/hierarchical.py, for example --config=configs/hierarchical.py:quick.")
   check_config(config)
   corpus = load_corpus(config, workdir)
   models = zoo(config)
