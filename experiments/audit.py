@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from biasdiff import cli  # pylint: disable=g-import-not-at-top
 from biasdiff import io  # pylint: disable=g-import-not-at-top
 from biasdiff import monitor  # pylint: disable=g-import-not-at-top
 # Imported for its side effect: it registers the monitor builder of image runs.
@@ -82,7 +83,11 @@ def monitor_settings(run_config: dict, overrides: Sequence[str] = ()) -> ml_coll
     if isinstance(current, str):
       value = text
     else:
-      value = ast.literal_eval(text)
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError) as error:
+        raise ValueError(f"--override={item!r}: {text!r} is not a Python literal; give the "
+                         f"value in the form of the current one, {name}={current!r}.") from error
       if isinstance(current, tuple):
         value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
     settings[name] = value
@@ -293,4 +298,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

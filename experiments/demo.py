@@ -19,6 +19,7 @@ _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPOSITORY)
 from configs import hierarchical as hierarchical_configs  # pylint: disable=g-import-not-at-top
 from configs import reproduce as reproduce_configs  # pylint: disable=g-import-not-at-top
+from biasdiff import cli  # pylint: disable=g-import-not-at-top
 from biasdiff import io  # pylint: disable=g-import-not-at-top
 from biasdiff.figures import hierarchical as figures  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import hierarchical as pipeline  # pylint: disable=g-import-not-at-top
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 import jax
 
+from biasdiff import cli
 from biasdiff.pipeline import images
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -25,6 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; an existing run 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where summary.json and figures/ are copied; default --workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
+_OVERRIDE_HINT = ("experiments/images.py takes the fields of configs/images.py directly under "
+                  "--config. (for example --config.eval.num_samples=64).")
 
 
 def main(argv):
@@ -34,10 +37,12 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.info("Local devices: %s", jax.local_devices())
   config = _CONFIG.value
+  # Checked before the config is logged, so that a config of another file fails at once.
+  images.check_config(config)
   logging.info("Config:\n%s", config)
   summary = images.run(config, _WORKDIR.value, output_dir=_OUTPUT_DIR.value)
   logging.info("Ordering of the minima: %s", json.dumps(summary["ordering"]))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, override_hint=_OVERRIDE_HINT)

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 _REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPOSITORY)
 from configs import hierarchical as hierarchical_configs  # pylint: disable=g-import-not-at-top
+from biasdiff import cli  # pylint: disable=g-import-not-at-top
 from biasdiff import parallel  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import reproduce  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import stages  # pylint: disable=g-import-not-at-top
@@ -36,6 +37,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
 _PARTS = flags.DEFINE_list(
     "parts", None, "Pipelines to run, from hierarchical and images; default every part of the "
     "profile (the demo profile has no images part).")
+_OVERRIDE_HINT = ("experiments/reproduce.py takes the image fields under --config.images. (for "
+                  "example --config.images.eval.num_samples=64) and the tree-data fields under "
+                  "--config.hierarchical.")
 
 
 def main(argv):
@@ -46,16 +50,14 @@ def main(argv):
   parallel.initialize_distributed()
   logging.info("Devices: %s", jax.devices())
   config = _CONFIG.value
+  reproduce.check_profile(config)
   output_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "figures")
   parts = _PARTS.value or reproduce.profile_parts(config)
-  try:
-    reproduce.check_parts(config, parts)
-  except ValueError as error:
-    raise app.UsageError(str(error)) from error
+  reproduce.check_parts(config, parts)
   stages.claim_workdir(_WORKDIR.value, config, parallel.is_main_process())
   reproduce.run(config, _WORKDIR.value, output_dir, parts, hierarchical_configs.get_config)
   logging.info("Parts %s done; summaries and figures are in %s.", ", ".join(parts), output_dir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, override_hint=_OVERRIDE_HINT)

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 import jax
 
+from biasdiff import cli
 from biasdiff import parallel
 from biasdiff.training import loop
 
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -589,3 +589,11 @@ def test_audit_override_changes_rules(monitored_run, tmp_path):
   assert result["monitor"]["patience"] == 1
   with pytest.raises(ValueError, match="must be field=value"):
     audit.monitor_settings({}, ["patiense=2"])
+
+
+@pytest.mark.parametrize("override", ["patience=two", "patience=(2"])
+def test_audit_override_needs_literal(override):
+  audit = audit_script.load()
+  with pytest.raises(ValueError, match=r"is not a Python literal; give the value in the form of "
+                     r"the current one, patience=\d+"):
+    audit.monitor_settings({}, [override])

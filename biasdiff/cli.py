@@ -1,0 +1,99 @@
+"""Error output shared by the command-line entry points in experiments/.
+
+`run(main)` replaces `absl.app.run(main)`. Errors in the user's input print
+as one line on stderr, `error: <message>`, and exit with status 1 without a
+traceback:
+
+- a ValueError or FileNotFoundError raised while `main` runs, which is how
+  the pipelines reject config values, missing data and claimed workdirs;
+- a --config.<field> override that names no field of the config.
+
+Every other exception keeps its traceback. Set the environment variable
+BIASDIFF_TRACEBACK=1 to get the traceback of input errors too.
+"""
+
+import functools
+import os
+import sys
+import traceback
+from typing import Any, Callable, NoReturn, Sequence
+
+from absl import app
+
+TRACEBACK_VARIABLE = "BIASDIFF_TRACEBACK"
+INPUT_ERRORS = (ValueError, FileNotFoundError)
+EXIT_STATUS = 1
+# ml_collections 1.1.0 resolves the field path of every --config.<field>
+# override in this module, and raises KeyError or AttributeError there when a
+# name on the path is not a field.
+_OVERRIDE_MODULE = os.path.join("ml_collections", "config_flags", "config_path.py")
+
+
+def tracebacks_requested() -> bool:
+  """Return whether BIASDIFF_TRACEBACK requests the traceback of input errors."""
+  return os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0")
+
+
+def exit_with_error(message: str) -> NoReturn:
+  """Print `error: <message>` on stderr and exit with EXIT_STATUS."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_STATUS)
+
+
+def report_input_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+  """Wrap an absl `main` so that ValueError and FileNotFoundError exit with one line."""
+
+  @functools.wraps(main)
+  def wrapped(argv: Sequence[str]) -> Any:
+    try:
+      return main(argv)
+    except INPUT_ERRORS as error:
+      if tracebacks_requested():
+        raise
+      exit_with_error(str(error))
+
+  return wrapped
+
+
+def run(main: Callable[[Sequence[str]], Any], override_hint: str = "") -> None:
+  """Run `main` like `absl.app.run`, with input errors printed as one line.
+
+  Args:
+    main: the entry point's main function, called with the arguments left
+      after flag parsing.
+    override_hint: a sentence added to the error of an override that names no
+      field, e.g. where this script's config nests its fields.
+  """
+  app.run(report_input_errors(main),
+          flags_parser=functools.partial(_parse_flags, override_hint=override_hint))
+
+
+def _parse_flags(argv: Sequence[str], override_hint: str) -> list[str]:
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as error:
+    if tracebacks_requested() or not _raised_by_override(error):
+      raise
+    exit_with_error(override_error_message(error, override_hint))
+
+
+def _raised_by_override(error: BaseException) -> bool:
+  frames = traceback.extract_tb(error.__traceback__)
+  return any(frame.filename.endswith(_OVERRIDE_MODULE) for frame in frames)
+
+
+def override_error_message(error: BaseException, hint: str = "") -> str:
+  """Return the one-line message for an override whose field path names no field.
+
+  ml_collections puts the quoted field name on the first line of the error
+  and a "Did you mean ...?" suggestion, when it has one, on the next. Its
+  AttributeError wraps a KeyError, and str() of a KeyError quotes the whole
+  text, so the text is taken from the innermost exception's argument.
+  """
+  text = error
+  while isinstance(text, BaseException) and text.args:
+    text = text.args[0]
+  text = str(text)
+  name, *suggestions = text.splitlines() or [text]
+  message = f"a --config.<field> override names no field of the config: {name}."
+  return " ".join([message, *suggestions, hint]).strip()

@@ -1,0 +1,102 @@
+"""Tests of the one-line error output of the entry points (biasdiff.cli)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from biasdiff import cli
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPRODUCE = os.path.join(REPOSITORY, "experiments", "reproduce.py")
+
+
+def _run_reproduce(*args, traceback=False):
+  env = dict(os.environ)
+  env.pop(cli.TRACEBACK_VARIABLE, None)
+  if traceback:
+    env[cli.TRACEBACK_VARIABLE] = "1"
+  return subprocess.run([sys.executable, REPRODUCE, *args], cwd=REPOSITORY, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def quick_workdir(tmp_path):
+  """A workdir that the quick profile owns."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "pipeline.json").write_text(json.dumps({"profile": "quick"}))
+  return workdir
+
+
+def test_claimed_workdir_prints_one_line(quick_workdir):
+  result = _run_reproduce("--config=configs/reproduce.py:smoke", f"--workdir={quick_workdir}")
+  assert result.returncode == cli.EXIT_STATUS, result.stderr
+  assert "Traceback" not in result.stderr
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line.startswith(f"error: {str(quick_workdir)!r} contains a run of profile 'quick', "
+                              "not 'smoke'")
+  assert sorted(os.listdir(quick_workdir)) == ["pipeline.json"]
+
+
+def test_traceback_variable_keeps_traceback(quick_workdir):
+  result = _run_reproduce("--config=configs/reproduce.py:smoke", f"--workdir={quick_workdir}",
+                          traceback=True)
+  assert result.returncode != 0
+  assert "Traceback" in result.stderr
+  assert "ValueError" in result.stderr
+
+
+def test_override_of_missing_field_gets_hint(tmp_path):
+  result = _run_reproduce("--config=configs/reproduce.py:smoke", f"--workdir={tmp_path / 'run'}",
+                          "--config.eval.num_samples=64")
+  assert result.returncode == cli.EXIT_STATUS, result.stderr
+  assert "Traceback" not in result.stderr
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert "override names no field of the config: 'eval'." in last_line
+  assert "--config.images.eval.num_samples=64" in last_line
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_override_message_keeps_suggestion():
+  # ml_collections 1.1.0 raises an AttributeError that wraps a KeyError.
+  error = AttributeError(KeyError("'num_sample'\nDid you mean \"num_samples\" instead of "
+                                  "\"num_sample\"?"))
+  message = cli.override_error_message(error, "Hint.")
+  assert message == ("a --config.<field> override names no field of the config: 'num_sample'. "
+                     "Did you mean \"num_samples\" instead of \"num_sample\"? Hint.")
+
+
+@pytest.mark.parametrize("error", [ValueError("bad value"), FileNotFoundError("bad value")])
+def test_input_error_exits_with_one_line(error, capsys, monkeypatch):
+  monkeypatch.delenv(cli.TRACEBACK_VARIABLE, raising=False)
+
+  def main(argv):
+    raise error
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.report_input_errors(main)([])
+  assert exit_info.value.code == cli.EXIT_STATUS
+  assert capsys.readouterr().err == "error: bad value\n"
+
+
+def test_other_errors_keep_traceback(monkeypatch):
+  monkeypatch.delenv(cli.TRACEBACK_VARIABLE, raising=False)
+
+  def main(argv):
+    raise KeyError("bug")
+
+  with pytest.raises(KeyError, match="bug"):
+    cli.report_input_errors(main)([])
+
+
+def test_traceback_variable_reraises_input_error(monkeypatch):
+  monkeypatch.setenv(cli.TRACEBACK_VARIABLE, "1")
+
+  def main(argv):
+    raise ValueError("bad value")
+
+  with pytest.raises(ValueError, match="bad value"):
+    cli.report_input_errors(main)([])
