@@ -1,4 +1,4 @@
-"""Error output shared by the command-line entry points in experiments/.
+"""Error output and compilation cache shared by the command-line entry points in experiments/.
 
 `run(main)` replaces `absl.app.run(main)`. Errors in the user's input print
 as one line on stderr, `error: <message>`, and exit with status 1 without a
@@ -10,6 +10,10 @@ traceback:
 
 Every other exception keeps its traceback. Set the environment variable
 BIASDIFF_TRACEBACK=1 to get the traceback of input errors too.
+
+`use_compilation_cache(workdir)` keeps compiled XLA programs on disk, so a
+resumed run, a rerun and every group of a zoo trained one fit at a time
+compile each program once.
 """
 
 import functools
@@ -19,6 +23,7 @@ import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app
+import jax
 
 TRACEBACK_VARIABLE = "BIASDIFF_TRACEBACK"
 INPUT_ERRORS = (ValueError, FileNotFoundError)
@@ -27,6 +32,18 @@ EXIT_STATUS = 1
 # override in this module, and raises KeyError or AttributeError there when a
 # name on the path is not a field.
 _OVERRIDE_MODULE = os.path.join("ml_collections", "config_flags", "config_path.py")
+
+
+def use_compilation_cache(workdir: str) -> None:
+  """Cache compiled programs in <workdir>/jax_cache, unless a cache directory is already set.
+
+  A directory set through JAX_COMPILATION_CACHE_DIR or jax.config wins. Programs
+  that compile in under a second are not cached (JAX's default threshold).
+  """
+  if jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
+                                                              "jax_cache"))
 
 
 def tracebacks_requested() -> bool:

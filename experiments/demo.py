@@ -35,6 +35,7 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = reproduce_configs.get_config("demo")
   stages.claim_workdir(_WORKDIR.value, config)
+  cli.use_compilation_cache(_WORKDIR.value)
   summaries = pipeline.run(config, _WORKDIR.value, hierarchical_configs.get_config)
   output_dir = os.path.join(_WORKDIR.value, "figures")
   pipeline.write_summaries(summaries, output_dir)

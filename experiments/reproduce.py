@@ -55,6 +55,7 @@ def main(argv):
   parts = _PARTS.value or reproduce.profile_parts(config)
   reproduce.check_parts(config, parts)
   stages.claim_workdir(_WORKDIR.value, config, parallel.is_main_process())
+  cli.use_compilation_cache(_WORKDIR.value)
   reproduce.run(config, _WORKDIR.value, output_dir, parts, hierarchical_configs.get_config)
   logging.info("Parts %s done; summaries and figures are in %s.", ", ".join(parts), output_dir)
 

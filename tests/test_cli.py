@@ -100,3 +100,29 @@ def test_traceback_variable_reraises_input_error(monkeypatch):
 
   with pytest.raises(ValueError, match="bad value"):
     cli.report_input_errors(main)([])
+
+
+_PRINT_CACHE_DIR = (
+    "import sys, jax\n"
+    "from biasdiff import cli\n"
+    "cli.use_compilation_cache(sys.argv[1])\n"
+    "print(jax.config.jax_compilation_cache_dir)\n")
+
+
+def _cache_dir_after_use(workdir, env_dir=None):
+  env = dict(os.environ)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if env_dir is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = env_dir
+  result = subprocess.run([sys.executable, "-c", _PRINT_CACHE_DIR, str(workdir)], cwd=REPOSITORY,
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+  return result.stdout.strip().splitlines()[-1]
+
+
+def test_compilation_cache_in_workdir(tmp_path):
+  assert _cache_dir_after_use(tmp_path) == str(tmp_path / "jax_cache")
+
+
+def test_compilation_cache_keeps_user_choice(tmp_path):
+  chosen = str(tmp_path / "mine")
+  assert _cache_dir_after_use(tmp_path / "run", env_dir=chosen) == chosen
