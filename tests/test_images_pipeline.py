@@ -248,10 +248,10 @@ def test_grouped_models_monitored_together(tmp_path):
   pipeline.train_stage(config, root, data_result, data, splits, COMPILER_OPTIONS)
   first, second = _group_directories(workdir)
 
-  # The first group has one model: only the loss statistics.
-  for record in _monitor_records(first):
-    assert record[monitor.callback.MONITOR_KEY]["per_model"]["block"] == [0]
-    assert "divergence" not in record[monitor.callback.MONITOR_KEY]
+  # Only the last group runs the monitor while training.
+  first_records = (_monitor_records(first)
+                   if os.path.exists(os.path.join(first, loop.EVAL_METRICS_FILE)) else [])
+  assert not [r for r in first_records if monitor.callback.MONITOR_KEY in r]
   # The second group measures its model with the first group's checkpoints.
   online = _monitor_records(second)
   for record in online:

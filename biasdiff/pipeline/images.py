@@ -6,8 +6,9 @@
              with their blocks (`save_prepared`);
   train      train one U-Net per block with `biasdiff.training.fit`, each on
              its own block centred by its own mean mu_b, and with
-             monitor.enabled measure every grid checkpoint with the bias
-             monitor (`images_monitor`);
+             monitor.enabled measure every grid checkpoint of the last
+             training group, and with it the whole zoo, with the bias monitor
+             (`images_monitor`);
   evaluate   per grid checkpoint (cached one file per checkpoint): the test
              denoising loss over time, the predicted-noise similarity on train
              vs held-out probes, and paired samples with their statistics;
@@ -384,7 +385,10 @@ def train_stage(config, root: str, data_result: Mapping[str, Any],
       logger.info("Training models %s (blocks %s) in %s.", group, [models[m].block for m in group],
                   directory)
       callback = None
-      if config.monitor.enabled:
+      # Only the last group's monitor runs while training: at each grid epoch it measures
+      # every model, reading the earlier groups' checkpoints, so the earlier groups'
+      # records would repeat a subset of its work. Their audits recompute from checkpoints.
+      if config.monitor.enabled and g == len(groups) - 1:
         measured = [models[m] for members in groups[:g + 1] for m in members]
         callback = images_monitor.build_monitor(config, model, config.monitor, data, splits,
                                                 measured, earlier, workdir=directory)

@@ -5,7 +5,9 @@ The train stage trains the zoo in groups of zoo.models_per_fit models, one
 measures the models of groups 0 ... g together. The earlier groups'
 parameters come from their grid checkpoints of the same epoch, so the
 sample-split divergence and the membership attack cover every pair of models
-trained so far, and the last group's records cover the whole zoo.
+trained so far. While training, only the last group runs its monitor, and its
+records cover the whole zoo. An audit of an earlier group recomputes that
+group's records from the checkpoints.
 
 Before it trains, each group directory gets monitor_inputs.json: where the
 prepared dataset and the earlier groups' directories lie, relative to the
