@@ -16,7 +16,6 @@ from biasdiff.images import celeba
 from biasdiff.images import celeba_tfds
 from biasdiff.images import data as data_lib
 from biasdiff.images import digits
-from biasdiff.images import splits as splits_lib
 
 # Tiny CelebA stand-in: 24 files, 3 blocks of 4 and a test set of 5.
 NUM_FILES = 24

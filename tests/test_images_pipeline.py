@@ -21,6 +21,7 @@ from biasdiff.pipeline import images_monitor
 from biasdiff.pipeline import stages
 from biasdiff.training import loop
 from helpers import audit_script
+from helpers import json_values
 
 # Fast XLA compiles on CPU; the smoke run trains for only 8 steps.
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -63,18 +64,6 @@ def smoke_run(tmp_path_factory):
   return workdir, summary
 
 
-def _numbers(value):
-  """Yield every number in a nested JSON value."""
-  if isinstance(value, dict):
-    for item in value.values():
-      yield from _numbers(item)
-  elif isinstance(value, list):
-    for item in value:
-      yield from _numbers(item)
-  elif isinstance(value, (int, float)) and not isinstance(value, bool):
-    yield value
-
-
 def test_smoke_summary_has_every_key(smoke_run):
   workdir, summary = smoke_run
   with open(os.path.join(workdir, "summary.json")) as f:
@@ -89,7 +78,7 @@ def test_smoke_summary_values_are_finite(smoke_run):
   for key in ("test_loss", "cosine_distance", "noise_similarity_train",
               "noise_similarity_test", "memorised_fraction", "own_block_share",
               "epoch_min_test_loss", "ordering"):
-    numbers = list(_numbers(summary[key]))
+    numbers = list(json_values.numbers(summary[key]))
     assert numbers, key
     assert all(math.isfinite(x) for x in numbers), key
   # None stands for NaN in the JSON; three models leave every jackknife defined.

@@ -17,6 +17,7 @@ from biasdiff.pipeline import images_eval  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import reproduce  # pylint: disable=g-import-not-at-top
 from biasdiff.pipeline import stages  # pylint: disable=g-import-not-at-top
 from biasdiff.training import loop  # pylint: disable=g-import-not-at-top
+from helpers import json_values  # pylint: disable=g-import-not-at-top
 
 SUMMARY_KEYS = ("epochs", "test_loss", "train_loss", "sample_split_kl", "nn_divergence",
                 "kl_bp_model", "epoch_min_test_loss", "epoch_min_sample_split_kl",
@@ -37,18 +38,6 @@ def _finite_numbers(value):
   if isinstance(value, float):
     return np.isfinite(value)
   return True
-
-
-def _numbers(value):
-  """Yield every number in a nested JSON value."""
-  if isinstance(value, dict):
-    for item in value.values():
-      yield from _numbers(item)
-  elif isinstance(value, list):
-    for item in value:
-      yield from _numbers(item)
-  elif isinstance(value, (int, float)) and not isinstance(value, bool):
-    yield value
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +96,7 @@ def test_image_summary_has_finite_minima(smoke_run):
     assert summary["epoch_min_test_loss"][where]["epoch"] in summary["epochs"], where
   for key in ("epoch_min_test_loss", "epoch_min_cosine_distance", "test_loss",
               "cosine_distance"):
-    numbers = list(_numbers(summary[key]))
+    numbers = list(json_values.numbers(summary[key]))
     assert numbers, key
     assert all(math.isfinite(x) for x in numbers), key
   # The image stages live beside the tree-data stages in the profile's workdir.
