@@ -185,7 +185,9 @@ def render_page(record: dict[str, Any], device_mode: bool) -> str:
       "",
       "Written by `benchmarks/run.py`; the JSON beside this page holds the "
       "same numbers. Times are medians over repeated calls after a warm-up "
-      "call; speed ratios are taken within one run.",
+      "call (a row whose minimum equals its maximum was timed once); speed ratios "
+      "are taken within one run. Each section measures the matmul rate it "
+      "compares with when it runs, so the rates differ a little between sections.",
       "",
   ]
   for name in record["order"]:

@@ -15,8 +15,9 @@ Profiles:
          at every checkpoint (sample-split KL, KL to exact BP, losses, NN
          divergence), without the U-turn and KL-along-time stages
   quick  the embedded default for a 2-core CPU: depth-3 trees, one training-set
-         size, three data blocks (three disjoint pairs) plus a second seed on
-         block 0 (the same-data control), an EMA of the parameters for every probe
+         size, three data blocks plus a second seed on block 0 (five pairs on
+         disjoint data and one same-data control), an EMA of the parameters for
+         every probe
   small  the paper's depth-4 trees with a 2.1M-parameter network, for one
          accelerator
   paper  the paper's three sizes (5k, 12k, 70k), networks, recipes and analysis
@@ -128,8 +129,8 @@ def get_config(profile: str = "quick") -> ml_collections.ConfigDict:
       sizes.n512 = _size("quick", 512, 2_000, (0, 1), (0,))
       a.later_stages = ()
     else:
-      # Three blocks give three disjoint pairs (enough for a leave-one-block-out
-      # jackknife); the second seed on block 0 is the same-data control. Four
+      # Three blocks give a leave-one-block-out jackknife; with the second seed on
+      # block 0 there are five pairs on disjoint data and one same-data control. Four
       # models of 230k parameters train in about the time the budget allows.
       sizes.n512 = _size("quick", 512, 2_000, (0, 1, 2), (0,), extra_models=((0, 1),))
     a.use_ema = True
