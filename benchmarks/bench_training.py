@@ -183,6 +183,8 @@ def _main():
   args = parser.parse_args()
   sys.path.insert(0, _REPOSITORY)
   import jax
+  from biasdiff import rng
+  rng.use_unrolled_threefry_on_cpu()
   if jax.device_count() != args.devices:
     raise SystemExit(f"expected {args.devices} devices, found {jax.device_count()}; set "
                      "XLA_FLAGS=--xla_force_host_platform_device_count before starting")

@@ -187,7 +187,9 @@ def render_page(record: dict[str, Any], device_mode: bool) -> str:
       "same numbers. Times are medians over repeated calls after a warm-up "
       "call (a row whose minimum equals its maximum was timed once); speed ratios "
       "are taken within one run. Each section measures the matmul rate it "
-      "compares with when it runs, so the rates differ a little between sections.",
+      "compares with when it runs, so the rates differ a little between sections. "
+      "Threefry is lowered unrolled on CPU, as in the entry points "
+      "(`biasdiff.rng.use_unrolled_threefry_on_cpu`).",
       "",
   ]
   for name in record["order"]:
@@ -236,6 +238,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   logging.basicConfig(level=logging.INFO,
                       format="%(asctime)s %(levelname)s %(message)s")
   args = parse_args(argv)
+  from biasdiff import rng  # pylint: disable=g-import-not-at-top
+  rng.use_unrolled_threefry_on_cpu()  # as the entry points in experiments/ do
   page_path, json_path = output_paths(args.output, args.device)
   command = shlex.join(["python", "benchmarks/run.py"] +
                        (sys.argv[1:] if argv is None else argv))

@@ -25,6 +25,8 @@ from typing import Any, Callable, NoReturn, Sequence
 from absl import app
 import jax
 
+from biasdiff import rng
+
 TRACEBACK_VARIABLE = "BIASDIFF_TRACEBACK"
 INPUT_ERRORS = (ValueError, FileNotFoundError)
 EXIT_STATUS = 1
@@ -81,6 +83,7 @@ def run(main: Callable[[Sequence[str]], Any], override_hint: str = "") -> None:
     override_hint: a sentence added to the error of an override that names no
       field, e.g. where this script's config nests its fields.
   """
+  rng.use_unrolled_threefry_on_cpu()
   app.run(report_input_errors(main),
           flags_parser=functools.partial(_parse_flags, override_hint=override_hint))
 
