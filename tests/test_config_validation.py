@@ -120,21 +120,7 @@ def test_run_json_still_guards_a_checkpointed_run(tmp_path):
 
 
 def _smoke_config():
-  """The smoke config shrunken as in test_configs, so that it trains in seconds."""
-  config = hierarchical.get_config("smoke")
-  config.data.train_pool_size = 128
-  config.data.heldout_size = 16
-  config.data.n = 32
-  config.model.d_model = 16
-  config.model.num_layers = 1
-  config.model.ffn_dim = 32
-  config.train.batch_size = 16
-  config.train.num_epochs = 2
-  config.train.steps_per_dispatch = 2
-  config.checkpoint.grid_min_epoch = 1
-  config.checkpoint.grid_size = 2
-  config.checkpoint.rolling_every_steps = 0
-  return config
+  return tiny.shrunken_smoke_config()
 
 
 @pytest.mark.parametrize("section, field, value, message", [

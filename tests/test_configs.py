@@ -106,19 +106,7 @@ def test_command_line_typo_raises():
 
 def test_smoke_config_trains_end_to_end(tmp_path):
   """A shrunken smoke config through the hierarchical task, the loop and a checkpoint."""
-  config = hierarchical.get_config("smoke")
-  config.data.train_pool_size = 128
-  config.data.heldout_size = 16
-  config.data.n = 32
-  config.model.d_model = 16
-  config.model.num_layers = 1
-  config.model.ffn_dim = 32
-  config.train.batch_size = 16
-  config.train.num_epochs = 2
-  config.train.steps_per_dispatch = 2
-  config.checkpoint.grid_min_epoch = 1
-  config.checkpoint.grid_size = 2
-  config.checkpoint.rolling_every_steps = 0
+  config = tiny.shrunken_smoke_config()
   task = tasks.hierarchical_task(config, str(tmp_path))
   assert task.train_data.shape == (4, 32, 16)
   assert task.train_data.dtype == np.uint8

@@ -48,8 +48,8 @@ def test_layer_scales_kept_values():
 
 def test_layer_deterministic_is_identity():
   x = jnp.ones((30, 30))
-  kept = dropout.Dropout(0.25).apply({}, x, deterministic=True)
-  np.testing.assert_array_equal(np.asarray(kept), np.asarray(x))
+  output = dropout.Dropout(0.25).apply({}, x, deterministic=True)
+  np.testing.assert_array_equal(np.asarray(output), np.asarray(x))
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0])

@@ -110,3 +110,22 @@ def image_task(data: np.ndarray, models=None) -> TrainingTask:
       models=models,
       fingerprint={"n": int(data.shape[1])},
       example_input=(np.zeros((1,) + data.shape[2:], np.float32), np.zeros((1,), np.int32)))
+
+
+def shrunken_smoke_config() -> ml_collections.ConfigDict:
+  """Return the hierarchical smoke config shrunk so that it trains in seconds."""
+  from configs import hierarchical  # pylint: disable=g-import-not-at-top
+  config = hierarchical.get_config("smoke")
+  config.data.train_pool_size = 128
+  config.data.heldout_size = 16
+  config.data.n = 32
+  config.model.d_model = 16
+  config.model.num_layers = 1
+  config.model.ffn_dim = 32
+  config.train.batch_size = 16
+  config.train.num_epochs = 2
+  config.train.steps_per_dispatch = 2
+  config.checkpoint.grid_min_epoch = 1
+  config.checkpoint.grid_size = 2
+  config.checkpoint.rolling_every_steps = 0
+  return config
