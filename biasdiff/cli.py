@@ -14,9 +14,15 @@ BIASDIFF_TRACEBACK=1 to get the traceback of input errors too.
 `use_compilation_cache(workdir)` keeps compiled XLA programs on disk, so a
 resumed run, a rerun and every group of a zoo trained one fit at a time
 compile each program once.
+
+`lock_workdir(workdir)` stops a second run from writing into a workdir that a
+running one holds, with a one-line error.
 """
 
+import errno
+import fcntl
 import functools
+import logging
 import os
 import sys
 import traceback
@@ -27,8 +33,13 @@ import jax
 
 from biasdiff import rng
 
+
+class WorkdirInUseError(RuntimeError):
+  """Raised when another process holds the lock of a run directory."""
+
+
 TRACEBACK_VARIABLE = "BIASDIFF_TRACEBACK"
-INPUT_ERRORS = (ValueError, FileNotFoundError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, WorkdirInUseError)
 EXIT_STATUS = 1
 # ml_collections 1.1.0 resolves the field path of every --config.<field>
 # override in this module, and raises KeyError or AttributeError there when a
@@ -46,6 +57,42 @@ def use_compilation_cache(workdir: str) -> None:
     return
   jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir),
                                                               "jax_cache"))
+
+
+# Absolute workdir -> descriptor of the directory, kept open while the lock is held.
+_HELD_LOCKS: dict[str, int] = {}
+
+
+def lock_workdir(workdir: str) -> None:
+  """Create `workdir` if needed and hold an exclusive lock on it until this process exits.
+
+  Two runs that write one workdir would mix their checkpoints and results, so
+  the second one raises WorkdirInUseError. The lock is flock(2) on the
+  directory itself: it leaves no file behind, and the kernel releases it when
+  the holder exits, also by kill -9. Only process 0 of a multi-process run
+  takes it, and taking it again in the same process does nothing.
+
+  NOTE: on a filesystem without flock support the run goes on unlocked, with
+  a warning. Network filesystems may not see a lock held on another host.
+  """
+  if jax.process_index() != 0:
+    return
+  path = os.path.abspath(workdir)
+  if path in _HELD_LOCKS:
+    return
+  os.makedirs(path, exist_ok=True)
+  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as error:
+    os.close(descriptor)
+    if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+      raise WorkdirInUseError(
+          f"--workdir {workdir!r} is in use by another run. Wait for that run to finish, "
+          "stop it, or pass another --workdir.") from None
+    logging.warning("Could not lock %s (%s); running without a lock.", path, error)
+    return
+  _HELD_LOCKS[path] = descriptor
 
 
 def tracebacks_requested() -> bool:

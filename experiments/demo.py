@@ -34,6 +34,7 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = reproduce_configs.get_config("demo")
+  cli.lock_workdir(_WORKDIR.value)
   stages.claim_workdir(_WORKDIR.value, config)
   cli.use_compilation_cache(_WORKDIR.value)
   summaries = pipeline.run(config, _WORKDIR.value, hierarchical_configs.get_config)

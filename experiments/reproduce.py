@@ -54,6 +54,7 @@ def main(argv):
   output_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "figures")
   parts = _PARTS.value or reproduce.profile_parts(config)
   reproduce.check_parts(config, parts)
+  cli.lock_workdir(_WORKDIR.value)
   stages.claim_workdir(_WORKDIR.value, config, parallel.is_main_process())
   cli.use_compilation_cache(_WORKDIR.value)
   reproduce.run(config, _WORKDIR.value, output_dir, parts, hierarchical_configs.get_config)

@@ -46,6 +46,7 @@ def main(argv):
   config = _CONFIG.value
   if parallel.is_main_process():
     logging.info("Config:\n%s", config)
+  cli.lock_workdir(_WORKDIR.value)
   cli.use_compilation_cache(_WORKDIR.value)
   result = loop.train(config, _WORKDIR.value)
   logging.info("Finished at step %d; grid checkpoints in %s/grid.", result.step, _WORKDIR.value)

@@ -126,3 +126,66 @@ def test_compilation_cache_in_workdir(tmp_path):
 def test_compilation_cache_keeps_user_choice(tmp_path):
   chosen = str(tmp_path / "mine")
   assert _cache_dir_after_use(tmp_path / "run", env_dir=chosen) == chosen
+
+
+# Holds the lock of argv[1] until its standard input closes or it is killed.
+_HOLDER = ("import sys\n"
+           "from biasdiff import cli\n"
+           "cli.lock_workdir(sys.argv[1])\n"
+           "print('locked', flush=True)\n"
+           "sys.stdin.read()\n")
+
+
+def _start_holder(workdir):
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPOSITORY,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  return holder
+
+
+def _try_lock(workdir):
+  return subprocess.run([sys.executable, "-c", _HOLDER, str(workdir)], cwd=REPOSITORY,
+                        input="", capture_output=True, text=True, timeout=120)
+
+
+def test_locked_workdir_stops_second_train_run(tmp_path):
+  workdir = tmp_path / "run"
+  holder = _start_holder(workdir)
+  try:
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPOSITORY, "experiments", "train.py"),
+         "--config=configs/hierarchical.py:smoke", f"--workdir={workdir}"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+  finally:
+    holder.stdin.close()
+    holder.wait(timeout=60)
+  assert result.returncode == cli.EXIT_STATUS, result.stderr
+  assert "Traceback" not in result.stderr
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line == (f"error: --workdir {str(workdir)!r} is in use by another run. Wait for "
+                       "that run to finish, stop it, or pass another --workdir.")
+  assert os.listdir(workdir) == []
+
+
+def test_lock_released_when_holder_killed(tmp_path):
+  workdir = tmp_path / "run"
+  holder = _start_holder(workdir)
+  blocked = _try_lock(workdir)
+  assert blocked.returncode != 0
+  assert "WorkdirInUseError" in blocked.stderr
+  holder.kill()
+  holder.wait(timeout=60)
+  after_kill = _try_lock(workdir)
+  assert after_kill.returncode == 0, after_kill.stderr
+  assert after_kill.stdout.strip() == "locked"
+
+
+def test_relock_in_same_process_is_noop(tmp_path):
+  workdir = tmp_path / "run"
+  cli.lock_workdir(str(workdir))
+  try:
+    cli.lock_workdir(str(workdir))
+    assert _try_lock(workdir).returncode != 0
+  finally:
+    os.close(cli._HELD_LOCKS.pop(str(workdir)))  # pylint: disable=protected-access
+  assert _try_lock(workdir).returncode == 0
