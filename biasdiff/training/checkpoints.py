@@ -15,6 +15,7 @@ pickled: arrays go through orbax and records are JSON.
 """
 
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Mapping, Optional, Sequence
@@ -209,8 +210,23 @@ def realised_grid(workdir: str) -> list[int]:
 # Orbax storage.
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Logging filter that drops orbax's warning for managers opened with read_only=True.
+
+  Every checkpoint load here opens its manager read-only on purpose.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE_FILTER = _DropReadOnlyNotice()
+
+
 def _manager(directory: str, max_to_keep: Optional[int],
              async_save: bool, read_only: bool = False) -> ocp.CheckpointManager:
+  # Orbax logs through absl's logger, and adding the same filter again is a no-op.
+  logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE_FILTER)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=async_save,
