@@ -534,9 +534,10 @@ class _Run:
     metrics = {name: np.asarray(value)
                for name, value in jax.device_get(metrics).items()}
     self.metrics.add(first, metrics, lrs)
-    last_step = first + len(lrs) - 1
+    steps_done = first + len(lrs)
+    # Completed epochs, the numbering that grid checkpoints use.
     progress.set_postfix(loss=f"{float(np.mean(metrics['loss'][-1])):.4f}",
-                         epoch=last_step // self.source.steps_per_epoch,
+                         epoch=steps_done // self.source.steps_per_epoch,
                          refresh=False)
     progress.update(len(lrs))
 
