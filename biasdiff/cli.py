@@ -6,6 +6,7 @@ traceback:
 
 - a ValueError or FileNotFoundError raised while `main` runs, which is how
   the pipelines reject config values, missing data and claimed workdirs;
+- a WorkdirInUseError from `lock_workdir`, for a workdir that another run holds;
 - a --config.<field> override that names no field of the config.
 
 Every other exception keeps its traceback. Set the environment variable
@@ -70,7 +71,9 @@ def lock_workdir(workdir: str) -> None:
   the second one raises WorkdirInUseError. The lock is flock(2) on the
   directory itself: it leaves no file behind, and the kernel releases it when
   the holder exits, also by kill -9. Only process 0 of a multi-process run
-  takes it, and taking it again in the same process does nothing.
+  takes it, and taking it again in the same process does nothing. A workdir
+  that is a file, or that this user cannot create or open, raises ValueError,
+  which the entry points print as one line.
 
   NOTE: on a filesystem without flock support the run goes on unlocked, with
   a warning. Network filesystems may not see a lock held on another host.
@@ -80,8 +83,15 @@ def lock_workdir(workdir: str) -> None:
   path = os.path.abspath(workdir)
   if path in _HELD_LOCKS:
     return
-  os.makedirs(path, exist_ok=True)
-  descriptor = os.open(path, os.O_RDONLY)
+  try:
+    os.makedirs(path, exist_ok=True)
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  except (FileExistsError, NotADirectoryError):
+    raise ValueError(f"--workdir {workdir!r} is not a directory, because the path or one of its "
+                     "parents is a file. Pass another --workdir.") from None
+  except PermissionError as error:
+    raise ValueError(f"--workdir {workdir!r} cannot be created or opened ({error.strerror}). "
+                     "Pass a --workdir that this user can write.") from None
   try:
     fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as error:
@@ -107,7 +117,7 @@ def exit_with_error(message: str) -> NoReturn:
 
 
 def report_input_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
-  """Wrap an absl `main` so that ValueError and FileNotFoundError exit with one line."""
+  """Wrap an absl `main` so that the exceptions in INPUT_ERRORS exit with one line."""
 
   @functools.wraps(main)
   def wrapped(argv: Sequence[str]) -> Any:

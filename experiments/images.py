@@ -39,8 +39,8 @@ def main(argv):
   config = _CONFIG.value
   # Checked before the config is logged, so that a config of another file fails at once.
   images.check_config(config)
-  logging.info("Config:\n%s", config)
   cli.lock_workdir(_WORKDIR.value)
+  logging.info("Config:\n%s", config)
   cli.use_compilation_cache(_WORKDIR.value)
   summary = images.run(config, _WORKDIR.value, output_dir=_OUTPUT_DIR.value)
   logging.info("Ordering of the minima: %s", json.dumps(summary["ordering"]))

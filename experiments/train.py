@@ -44,9 +44,9 @@ def main(argv):
   logging.info("Process %d of %d; local devices: %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   config = _CONFIG.value
+  cli.lock_workdir(_WORKDIR.value)
   if parallel.is_main_process():
     logging.info("Config:\n%s", config)
-  cli.lock_workdir(_WORKDIR.value)
   cli.use_compilation_cache(_WORKDIR.value)
   result = loop.train(config, _WORKDIR.value)
   logging.info("Finished at step %d; grid checkpoints in %s/grid.", result.step, _WORKDIR.value)

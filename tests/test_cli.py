@@ -189,3 +189,24 @@ def test_relock_in_same_process_is_noop(tmp_path):
   finally:
     os.close(cli._HELD_LOCKS.pop(str(workdir)))  # pylint: disable=protected-access
   assert _try_lock(workdir).returncode == 0
+
+
+def test_workdir_that_is_file_prints_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.write_text("")
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPOSITORY, "experiments", "train.py"),
+       "--config=configs/hierarchical.py:smoke", f"--workdir={workdir}"],
+      cwd=REPOSITORY, capture_output=True, text=True, timeout=300)
+  assert result.returncode == cli.EXIT_STATUS, result.stderr
+  assert "Traceback" not in result.stderr
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert last_line == (f"error: --workdir {str(workdir)!r} is not a directory, because the path "
+                       "or one of its parents is a file. Pass another --workdir.")
+
+
+def test_workdir_under_file_raises_value_error(tmp_path):
+  parent = tmp_path / "file"
+  parent.write_text("")
+  with pytest.raises(ValueError, match="is not a directory"):
+    cli.lock_workdir(str(parent / "run"))
