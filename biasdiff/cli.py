@@ -60,8 +60,9 @@ def use_compilation_cache(workdir: str) -> None:
                                                               "jax_cache"))
 
 
-# Absolute workdir -> descriptor of the directory, kept open while the lock is held.
-_HELD_LOCKS: dict[str, int] = {}
+# (device, inode) of a locked directory -> its descriptor, kept open while the lock is
+# held. The key is the same for every path that names the directory, symlinks included.
+_HELD_LOCKS: dict[tuple[int, int], int] = {}
 
 
 def lock_workdir(workdir: str) -> None:
@@ -81,8 +82,6 @@ def lock_workdir(workdir: str) -> None:
   if jax.process_index() != 0:
     return
   path = os.path.abspath(workdir)
-  if path in _HELD_LOCKS:
-    return
   try:
     os.makedirs(path, exist_ok=True)
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -92,6 +91,11 @@ def lock_workdir(workdir: str) -> None:
   except PermissionError as error:
     raise ValueError(f"--workdir {workdir!r} cannot be created or opened ({error.strerror}). "
                      "Pass a --workdir that this user can write.") from None
+  status = os.fstat(descriptor)
+  key = (status.st_dev, status.st_ino)
+  if key in _HELD_LOCKS:
+    os.close(descriptor)
+    return
   try:
     fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as error:
@@ -102,7 +106,7 @@ def lock_workdir(workdir: str) -> None:
           "stop it, or pass another --workdir.") from None
     logging.warning("Could not lock %s (%s); running without a lock.", path, error)
     return
-  _HELD_LOCKS[path] = descriptor
+  _HELD_LOCKS[key] = descriptor
 
 
 def tracebacks_requested() -> bool:

@@ -183,11 +183,15 @@ def test_lock_released_when_holder_killed(tmp_path):
 def test_relock_in_same_process_is_noop(tmp_path):
   workdir = tmp_path / "run"
   cli.lock_workdir(str(workdir))
+  status = os.stat(workdir)
   try:
     cli.lock_workdir(str(workdir))
+    (tmp_path / "link").symlink_to(workdir)
+    cli.lock_workdir(str(tmp_path / "link"))
     assert _try_lock(workdir).returncode != 0
   finally:
-    os.close(cli._HELD_LOCKS.pop(str(workdir)))  # pylint: disable=protected-access
+    held = cli._HELD_LOCKS.pop((status.st_dev, status.st_ino))  # pylint: disable=protected-access
+    os.close(held)
   assert _try_lock(workdir).returncode == 0
 
 
