@@ -89,7 +89,7 @@ def lock_workdir(workdir: str) -> None:
     raise ValueError(f"--workdir {workdir!r} is not a directory, because the path or one of its "
                      "parents is a file. Pass another --workdir.") from None
   except PermissionError as error:
-    raise ValueError(f"--workdir {workdir!r} cannot be created or opened ({error.strerror}). "
+    raise ValueError(f"--workdir {workdir!r} could not be created or opened ({error.strerror}). "
                      "Pass a --workdir that this user can write.") from None
   status = os.fstat(descriptor)
   key = (status.st_dev, status.st_ino)

@@ -369,8 +369,8 @@ def _sample_jit(seed, sample_ids, x_start, extra_ids, denoise_args, *, schedule,
                 event_shape, shared_shape, t_start, last_noisy_t):
   key = rng.fold(seed, *extra_ids)
   batch_shape = shared_shape + sample_ids.shape
-  # x is carried flat over the event axes because XLA:CPU vectorises along the minor
-  # axis, and q = 6 made the step noise 6x slower (jax 0.10.2). JAX draws flat anyway.
+  # x is carried flat since XLA:CPU vectorises along the minor axis (q = 6 made the step
+  # noise 6x slower, jax 0.10.2). JAX draws normals flat, so the noise is unchanged.
   flat_event = (math.prod(event_shape),)
 
   if x_start is None:

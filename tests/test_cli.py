@@ -190,8 +190,8 @@ def test_relock_in_same_process_is_noop(tmp_path):
     cli.lock_workdir(str(tmp_path / "link"))
     assert _try_lock(workdir).returncode != 0
   finally:
-    held = cli._HELD_LOCKS.pop((status.st_dev, status.st_ino))  # pylint: disable=protected-access
-    os.close(held)
+    descriptor = cli._HELD_LOCKS.pop((status.st_dev, status.st_ino))  # pylint: disable=protected-access
+    os.close(descriptor)
   assert _try_lock(workdir).returncode == 0
 
 

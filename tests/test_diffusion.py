@@ -294,7 +294,7 @@ def test_sampler_noise_depends_on_global_index_only():
   assert not np.allclose(other_seed, full)
 
 
-def test_sampler_equals_the_documented_recursion():
+def test_sampler_matches_documented_recursion():
   # The scan carries x flat over the event axes. The hand-written recursion below
   # draws event-shaped noise from the documented keys and must give the same values.
   schedule = diffusion.sequence_schedule(25)
@@ -305,8 +305,8 @@ def test_sampler_equals_the_documented_recursion():
   def denoise(x_t, t_batch):
     return jax.nn.softmax(gain * x_t + 0.1 * t_batch[:, None, None], axis=-1)
 
-  def normal(*ids_):
-    return jnp.stack([jax.random.normal(rng.fold(3, *ids_, k), event_shape, jnp.float32)
+  def normal(*stream_ids):
+    return jnp.stack([jax.random.normal(rng.fold(3, *stream_ids, k), event_shape, jnp.float32)
                       for k in ids.tolist()])
 
   x = normal(rng.SAMPLE_INIT)
